@@ -1,0 +1,429 @@
+"""compress / decompress: arrays <-> `.lvp` streams, through tiles that code and decode independently.
+
+Each frame is cut into tiles of at most T x T; each tile is one chunk holding one record per
+sample plane.  A plane is coded as a constant, as packed raw bits, or with the model (latent z +
+pixels under the integer Laplace tables), whichever is smallest, so no plane is ever stored much
+larger than its raw bits.  Samples are coded as value - tile minimum (computed in int32), never
+as two's-complement bit patterns, and whatever bits the caller's words carry (overlays in the
+bits above BitsStored included) come back unchanged: `bits_stored` is recorded, never applied
+as a mask.  Padding to the latent grid (edge replication) only feeds the encoder's analysis;
+padded samples are never coded.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+from lvpnet.entropy.fields import pack_fields, unpack_fields
+from lvpnet.entropy.latent import decode_latent, encode_latent
+from lvpnet.entropy.pixelcoder import CODER_VERSION, PixelCoder, StepParams
+from lvpnet.errors import CorruptStreamError, UnsupportedInputError, UnsupportedStreamError
+from lvpnet.model.lvpnet import LATENT_STRIDE
+from lvpnet.spec.container import (
+    DEFAULT_MAX_SAMPLES,
+    MAX_DIMENSION,
+    Chunk,
+    Color,
+    Descriptor,
+    DType,
+    Header,
+    Layout,
+    check_chunk,
+    pack_header,
+    parse_header,
+    sha256,
+)
+from lvpnet.zoo import ZOO, ModelBundle
+
+DEFAULT_TILE_SIZE = 512
+DEFAULT_BATCH = 4
+
+
+class PlaneMode(IntEnum):
+    CONSTANT = 0
+    RAW = 1
+    MODEL = 2
+
+
+@dataclass
+class _Plane:
+    """One sample plane of one tile: values are `x - minimum`, in [0, 2**bits)."""
+
+    values: np.ndarray  # int64 (h, w)
+    minimum: int
+    bits: int
+    mode: PlaneMode = PlaneMode.CONSTANT
+    payload: bytes = b""
+    z: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class CodecOptions:
+    """Knobs that never change the decoded result, only speed and memory."""
+
+    batch: int = DEFAULT_BATCH  # tiles per network call
+    workers: int = 1  # threads over batches
+    compute: str = "float64"  # "auto": float32 where a layer is proven exact in it
+    device: str = "cpu"
+
+
+# ---------------------------------------------------------------------------------------- API
+
+
+def compress(
+    pixels: np.ndarray,
+    *,
+    bits_stored: int | None = None,
+    color: str | None = None,
+    model: str | None = None,
+    tile_size: int = DEFAULT_TILE_SIZE,
+    samples_axis: bool | None = None,
+    options: CodecOptions | None = None,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+) -> bytes:
+    """Compress an integer image array losslessly.
+
+    pixels: (rows, cols), (frames, rows, cols), or either with a trailing samples axis (1 or 3);
+    uint8/int8/uint16/int16.  A 3-D array has a samples axis when `color == "RGB"` (or when
+    `samples_axis=True`); 4-D arrays always do.  `color`: "MONOCHROME", "RGB" (coded after a
+    reversible colour transform) or None (samples coded as plain channels).
+    """
+    options = options or CodecOptions()
+    array = np.asarray(pixels)
+    dtype = DType.from_numpy(array.dtype.name)
+    layout = _layout(array, color, samples_axis)
+    frames = _as_frames(array, layout)
+    n_frames, rows, cols, samples = frames.shape
+    if rows < 1 or cols < 1 or n_frames < 1:
+        raise UnsupportedInputError(f"empty image of shape {array.shape}")
+    if rows > MAX_DIMENSION or cols > MAX_DIMENSION or frames.size > max_samples:
+        raise UnsupportedInputError(f"image of shape {array.shape} exceeds the size limit")
+    if samples not in (1, 3):
+        raise UnsupportedInputError(f"{samples} samples per pixel (1 or 3 supported)")
+    color_code = {None: Color.PLANES, "MONOCHROME": Color.MONOCHROME, "RGB": Color.RGB}.get(color)
+    if color_code is None:
+        raise UnsupportedInputError(f"unknown colour model {color!r} (MONOCHROME, RGB or None)")
+    if (color_code == Color.RGB) != (samples == 3 and color_code == Color.RGB) or (
+        color_code == Color.MONOCHROME and samples != 1
+    ):
+        raise UnsupportedInputError(f"colour {color} does not match {samples} samples per pixel")
+    full_bits = 8 * dtype.itemsize
+    bits_stored = full_bits if bits_stored is None else int(bits_stored)
+    if not 1 <= bits_stored <= full_bits:
+        raise UnsupportedInputError(f"bits_stored {bits_stored} does not fit {array.dtype}")
+    if tile_size < 8 or tile_size % 8:
+        raise UnsupportedInputError("tile size must be a positive multiple of 8")
+
+    bundle = ZOO.get(model)
+    descriptor = Descriptor(rows, cols, n_frames, samples, dtype, bits_stored, color_code, layout, tile_size)
+    planes = frames.astype(np.int32)
+    if color_code == Color.RGB:
+        planes = _forward_rct(planes)
+
+    tiles: list[list[_Plane]] = []
+    for f in range(n_frames):
+        for t in range(descriptor.tiles_per_frame):
+            top, left, h, w = descriptor.tile_rect(t)
+            region = planes[f, top : top + h, left : left + w]
+            tiles.append([_make_plane(region[:, :, s]) for s in range(samples)])
+    _encode_planes(bundle, [p for tile in tiles for p in tile], options)
+    chunk_bytes = [b"".join(_pack_plane(p) for p in tile) for tile in tiles]
+
+    chunks, offset = [], 0
+    for body in chunk_bytes:
+        chunks.append(Chunk(offset, len(body), zlib.crc32(body)))
+        offset += len(body)
+    header = Header(
+        codec_id=bundle.name,
+        weights_sha256=bytes.fromhex(bundle.sha256),
+        coder_version=CODER_VERSION,
+        descriptor=descriptor,
+        raw_sha256=sha256(_canonical_bytes(array)),
+        frame_sha256=[sha256(_canonical_bytes(frames[f])) for f in range(n_frames)],
+        chunks=chunks,
+    )
+    return pack_header(header) + b"".join(chunk_bytes)
+
+
+def decompress(
+    data: bytes, *, options: CodecOptions | None = None, max_samples: int = DEFAULT_MAX_SAMPLES
+) -> np.ndarray:
+    """Decode a stream to the array given to `compress`: same dtype, shape and bits, or an error."""
+    data = bytes(data)
+    header = parse_header(data, max_samples=max_samples)
+    frames = _decode_frames(data, header, range(header.descriptor.frames), options or CodecOptions())
+    out = frames.reshape(header.descriptor.shape())
+    if sha256(_canonical_bytes(out)) != header.raw_sha256:
+        raise CorruptStreamError("decoded array does not match the stream's SHA-256")
+    return out
+
+
+def decompress_frames(
+    data: bytes,
+    frame_indices: Sequence[int],
+    *,
+    options: CodecOptions | None = None,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+) -> np.ndarray:
+    """Decode only some frames: (len(frame_indices), rows, cols[, samples]), each SHA-256 checked."""
+    data = bytes(data)
+    header = parse_header(data, max_samples=max_samples)
+    d = header.descriptor
+    for f in frame_indices:
+        if not 0 <= f < d.frames:
+            raise IndexError(f"frame {f} out of range (stream has {d.frames})")
+    frames = _decode_frames(data, header, frame_indices, options or CodecOptions())
+    return frames if d.layout in (Layout.ROWS_COLS_SAMPLES, Layout.FRAMES_ROWS_COLS_SAMPLES) else frames[..., 0]
+
+
+# ------------------------------------------------------------------------------------ layout
+
+
+def _layout(array: np.ndarray, color: str | None, samples_axis: bool | None) -> Layout:
+    if samples_axis is None:
+        samples_axis = array.ndim == 4 or (array.ndim == 3 and color == "RGB")
+    table = {
+        (2, False): Layout.ROWS_COLS,
+        (3, False): Layout.FRAMES_ROWS_COLS,
+        (3, True): Layout.ROWS_COLS_SAMPLES,
+        (4, True): Layout.FRAMES_ROWS_COLS_SAMPLES,
+    }
+    layout = table.get((array.ndim, samples_axis))
+    if layout is None:
+        raise UnsupportedInputError(f"cannot interpret an array of shape {array.shape} as an image")
+    return layout
+
+
+def _as_frames(array: np.ndarray, layout: Layout) -> np.ndarray:
+    """View as (frames, rows, cols, samples)."""
+    if layout == Layout.ROWS_COLS:
+        return array[None, :, :, None]
+    if layout == Layout.FRAMES_ROWS_COLS:
+        return array[:, :, :, None]
+    if layout == Layout.ROWS_COLS_SAMPLES:
+        return array[None]
+    return array
+
+
+def _canonical_bytes(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def _forward_rct(rgb: np.ndarray) -> np.ndarray:
+    """JPEG 2000's reversible colour transform on int32 samples."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return np.stack([(r + 2 * g + b) >> 2, b - g, r - g], axis=-1)
+
+
+def _inverse_rct(ycc: np.ndarray) -> np.ndarray:
+    y, cb, cr = ycc[..., 0], ycc[..., 1], ycc[..., 2]
+    g = y - ((cb + cr) >> 2)
+    return np.stack([cr + g, g, cb + g], axis=-1)
+
+
+# ------------------------------------------------------------------------------------ planes
+
+
+def _make_plane(region: np.ndarray) -> _Plane:
+    minimum, maximum = int(region.min()), int(region.max())
+    values = region.astype(np.int64) - minimum
+    bits = max(1, (maximum - minimum).bit_length())
+    return _Plane(values, minimum, bits)
+
+
+def _padded_shape(h: int, w: int) -> tuple[int, int]:
+    return -(-h // LATENT_STRIDE) * LATENT_STRIDE, -(-w // LATENT_STRIDE) * LATENT_STRIDE
+
+
+def _batches(planes: Iterable[_Plane], batch: int) -> list[list[_Plane]]:
+    by_shape: dict[tuple[int, int], list[_Plane]] = defaultdict(list)
+    for plane in planes:
+        by_shape[_padded_shape(*plane.values.shape)].append(plane)
+    out = []
+    for group in by_shape.values():
+        out.extend(group[i : i + batch] for i in range(0, len(group), max(1, batch)))
+    return out
+
+
+def _encode_planes(bundle: ModelBundle, planes: list[_Plane], options: CodecOptions) -> None:
+    varying = []
+    for plane in planes:
+        if plane.values.max() == 0:
+            plane.mode = PlaneMode.CONSTANT
+        else:
+            varying.append(plane)
+    if not varying:
+        return
+    coder = PixelCoder(bundle.tables)
+    encoder = bundle.encoder()
+
+    def run(batch: list[_Plane]) -> None:
+        hp, wp = _padded_shape(*batch[0].values.shape)
+        x = np.stack(
+            [
+                np.pad(p.values, ((0, hp - p.values.shape[0]), (0, wp - p.values.shape[1])), mode="edge")
+                / float(1 << p.bits)
+                for p in batch
+            ]
+        )
+        z = encoder.analyse(torch.from_numpy(x[:, None].astype(np.float32))).numpy()
+        bits = np.array([p.bits for p in batch])
+        mu16, scale_index = bundle.exact.predict(z, bits, compute=options.compute, device=options.device)
+        for i, plane in enumerate(batch):
+            h, w = plane.values.shape
+            latent = encode_latent(z[i].astype(np.int32))
+            pixels = coder.encode(
+                [plane.values.ravel()], [StepParams(mu16[i, :h, :w].ravel(), scale_index[i, :h, :w].ravel())]
+            )
+            model_size = 4 + len(latent) + 4 + len(pixels)
+            raw_size = 4 + (plane.values.size * plane.bits + 7) // 8
+            if model_size < raw_size:
+                plane.mode = PlaneMode.MODEL
+                plane.payload = struct.pack("<I", len(latent)) + latent + struct.pack("<I", len(pixels)) + pixels
+            else:
+                plane.mode = PlaneMode.RAW
+                raw = pack_fields(plane.values.ravel(), np.full(plane.values.size, plane.bits))
+                plane.payload = struct.pack("<I", len(raw)) + raw
+
+    _run_batches(run, _batches(varying, options.batch), options.workers)
+
+
+def _run_batches(fn, batches: list[list[_Plane]], workers: int) -> None:  # type: ignore[no-untyped-def]
+    if workers <= 1 or len(batches) <= 1:
+        for batch in batches:
+            fn(batch)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(fn, b) for b in batches]:
+            future.result()
+
+
+def _pack_plane(plane: _Plane) -> bytes:
+    head = struct.pack("<Bi", plane.mode, plane.minimum)
+    if plane.mode == PlaneMode.CONSTANT:
+        return head
+    return head + struct.pack("<B", plane.bits) + plane.payload
+
+
+# ------------------------------------------------------------------------------------ decode
+
+
+@dataclass
+class _PendingPlane:
+    shape: tuple[int, int]
+    minimum: int
+    bits: int
+    z_payload: bytes
+    pixel_payload: bytes
+    out: np.ndarray  # view to fill, (h, w) int64
+
+
+def _decode_frames(
+    data: bytes, header: Header, frame_indices: Iterable[int], options: CodecOptions
+) -> np.ndarray:
+    d = header.descriptor
+    if header.coder_version != CODER_VERSION:
+        raise UnsupportedStreamError(
+            f"stream was written with entropy coder {header.coder_version!r}; this reader has {CODER_VERSION!r}"
+        )
+    frame_indices = list(frame_indices)
+    planes = np.zeros((len(frame_indices), d.rows, d.cols, d.samples), dtype=np.int64)
+    pending: list[_PendingPlane] = []
+    for slot, f in enumerate(frame_indices):
+        for t, chunk_index in enumerate(header.frame_chunks(f)):
+            top, left, h, w = d.tile_rect(t)
+            body = memoryview(check_chunk(data, header, chunk_index))
+            for s in range(d.samples):
+                target = planes[slot, top : top + h, left : left + w, s]
+                body = _parse_plane(body, (h, w), target, pending)
+            if len(body):
+                raise CorruptStreamError(f"chunk {chunk_index} has {len(body)} trailing bytes")
+    if pending:
+        bundle = ZOO.get(header.codec_id, header.weights_sha256.hex())
+        _decode_model_planes(bundle, pending, options)
+    if d.color == Color.RGB:
+        planes = _inverse_rct(planes)
+    lo, hi = {DType.UINT8: (0, 255), DType.INT8: (-128, 127), DType.UINT16: (0, 65535), DType.INT16: (-32768, 32767)}[
+        d.dtype
+    ]
+    if planes.size and (planes.min() < lo or planes.max() > hi):
+        raise CorruptStreamError("decoded samples fall outside the stream's data type")
+    out = planes.astype(d.dtype.numpy_name)
+    for slot, f in enumerate(frame_indices):
+        if sha256(_canonical_bytes(out[slot])) != header.frame_sha256[f]:
+            raise CorruptStreamError(f"frame {f} does not match its SHA-256")
+    return out
+
+
+def _take(body: memoryview, n: int) -> tuple[bytes, memoryview]:
+    if n > len(body):
+        raise CorruptStreamError("chunk truncated")
+    return bytes(body[:n]), body[n:]
+
+
+def _read(body: memoryview, fmt: str) -> tuple[tuple[int, ...], memoryview]:
+    raw, body = _take(body, struct.calcsize(fmt))
+    return struct.unpack(fmt, raw), body
+
+
+def _parse_plane(
+    body: memoryview, shape: tuple[int, int], target: np.ndarray, pending: list[_PendingPlane]
+) -> memoryview:
+    (mode, minimum), body = _read(body, "<Bi")
+    if mode == PlaneMode.CONSTANT:
+        target[...] = minimum
+        return body
+    if mode not in (PlaneMode.RAW, PlaneMode.MODEL):
+        raise CorruptStreamError(f"unknown plane mode {mode}")
+    (bits,), body = _read(body, "<B")
+    if not 1 <= bits <= 32:
+        raise CorruptStreamError(f"invalid plane bit depth {bits}")
+    if mode == PlaneMode.RAW:
+        (n,), body = _read(body, "<I")
+        raw, body = _take(body, n)
+        count = shape[0] * shape[1]
+        if n != (count * bits + 7) // 8:
+            raise CorruptStreamError("raw plane has the wrong length")
+        target[...] = unpack_fields(raw, np.full(count, bits)).astype(np.int64).reshape(shape) + minimum
+        return body
+    (nz,), body = _read(body, "<I")
+    z_payload, body = _take(body, nz)
+    (npix,), body = _read(body, "<I")
+    pixel_payload, body = _take(body, npix)
+    pending.append(_PendingPlane(shape, minimum, bits, z_payload, pixel_payload, target))
+    return body
+
+
+def _decode_model_planes(bundle: ModelBundle, pending: list[_PendingPlane], options: CodecOptions) -> None:
+    coder = PixelCoder(bundle.tables)
+    channels = bundle.config.latent_channels
+    by_shape: dict[tuple[int, int], list[_PendingPlane]] = defaultdict(list)
+    for plane in pending:
+        by_shape[_padded_shape(*plane.shape)].append(plane)
+    batches = [g[i : i + max(1, options.batch)] for g in by_shape.values() for i in range(0, len(g), max(1, options.batch))]
+
+    def run(batch: list[_PendingPlane]) -> None:
+        hp, wp = _padded_shape(*batch[0].shape)
+        z_shape = (channels, hp // LATENT_STRIDE, wp // LATENT_STRIDE)
+        z = np.stack([decode_latent(p.z_payload, z_shape) for p in batch]).astype(np.int64)
+        bits = np.array([p.bits for p in batch])
+        mu16, scale_index = bundle.exact.predict(z, bits, compute=options.compute, device=options.device)
+        for i, plane in enumerate(batch):
+            h, w = plane.shape
+            decoder = coder.decoder(plane.pixel_payload)
+            values = decoder.decode_step(StepParams(mu16[i, :h, :w].ravel(), scale_index[i, :h, :w].ravel()))
+            decoder.finish()
+            if values.min(initial=0) < 0 or values.max(initial=0) >= (1 << plane.bits):
+                raise CorruptStreamError("decoded samples outside the plane's range")
+            plane.out[...] = values.reshape(h, w) + plane.minimum
+
+    _run_batches(run, batches, options.workers)  # type: ignore[arg-type]

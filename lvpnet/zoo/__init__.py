@@ -1,0 +1,176 @@
+"""Weights zoo: named models, each a file with a recorded SHA-256, loaded only if the hash matches.
+
+A bundle holds everything one model needs, in integers where the decoder reads it:
+the integer decoder layers, the integer CDF tables (built by the explicit export step), and
+the float encoder (sampler) weights, which only the encoder uses (z is transmitted).
+Old weights are never removed from the registry: every stream ever written names its model
+and weights hash, and must stay decodable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lvpnet.entropy.tables import TABLES_VERSION, LaplaceTables, build_laplace_tables
+from lvpnet.errors import UnsupportedStreamError, WeightsError
+from lvpnet.model.exact import ExactLVPNet
+from lvpnet.model.export import export_exact
+from lvpnet.model.intnet import IntConv
+from lvpnet.model.lvpnet import LVPNet, LVPNetConfig
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+REGISTRY_FILE = WEIGHTS_DIR / "registry.json"
+BUNDLE_FORMAT = 1
+
+
+@dataclass
+class ModelBundle:
+    name: str
+    config: LVPNetConfig
+    exact: ExactLVPNet
+    tables: LaplaceTables
+    encoder_state: dict[str, np.ndarray]
+    sha256: str = ""
+    serialized: bytes = field(default=b"", repr=False)  # the exact bytes the SHA-256 covers
+    _encoder: LVPNet | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def encoder(self) -> LVPNet:
+        """The float network with the sampler weights loaded (encoder side only)."""
+        with self._lock:
+            if self._encoder is None:
+                net = LVPNet(self.config)
+                state = {k: torch.from_numpy(v) for k, v in self.encoder_state.items()}
+                net.sampler.load_state_dict(state)
+                net.eval()
+                self._encoder = net
+            return self._encoder
+
+    def to_bytes(self) -> bytes:
+        arrays: dict[str, np.ndarray] = {
+            "meta": np.frombuffer(
+                json.dumps(
+                    {"format": BUNDLE_FORMAT, "name": self.name, "config": self.config.to_dict(),
+                     "tables_version": TABLES_VERSION, "layers": sorted(self.exact.layers)},
+                    sort_keys=True,
+                ).encode(),
+                dtype=np.uint8,
+            ),
+            "tables": self.tables.frequencies,
+        }
+        for name, layer in self.exact.layers.items():
+            arrays.update(layer.arrays(f"int.{name}"))
+        arrays.update({f"enc.{k}": v for k, v in self.encoder_state.items()})
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, expected_sha256: str | None = None) -> ModelBundle:
+        digest = hashlib.sha256(data).hexdigest()
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise WeightsError(f"weights SHA-256 {digest} does not match the recorded {expected_sha256}")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+            meta = json.loads(arrays["meta"].tobytes())
+        except (ValueError, KeyError, OSError) as exc:
+            raise WeightsError(f"unreadable weights file: {exc}") from exc
+        if meta.get("format") != BUNDLE_FORMAT:
+            raise WeightsError(f"unknown weights format {meta.get('format')}")
+        config = LVPNetConfig(**meta["config"])
+        layers = {name: IntConv.from_arrays(arrays, f"int.{name}") for name in meta["layers"]}
+        exact = ExactLVPNet(layers, config.qcm_blocks if config.use_qcm else 0, config.use_qcm)
+        encoder_state = {k[4:]: v for k, v in arrays.items() if k.startswith("enc.")}
+        return cls(meta["name"], config, exact, LaplaceTables(arrays["tables"]), encoder_state, digest, data)
+
+    def save(self, directory: Path) -> Path:
+        """Write the weights as `<name>-<sha8>.npz` (the bytes the SHA-256 was taken of)."""
+        path = directory / f"{self.name}-{self.sha256[:8]}.npz"
+        path.write_bytes(self.serialized)
+        return path
+
+
+def bundle_from_model(model: LVPNet, name: str) -> ModelBundle:
+    """The export step: integer decoder layers + CDF tables + encoder weights, hashed."""
+    encoder_state = {k: v.detach().cpu().numpy().copy() for k, v in model.sampler.state_dict().items()}
+    bundle = ModelBundle(name, model.config, export_exact(model), build_laplace_tables(), encoder_state)
+    # Zip archives carry timestamps: serialise once and hash exactly those bytes.
+    bundle.serialized = bundle.to_bytes()
+    bundle.sha256 = hashlib.sha256(bundle.serialized).hexdigest()
+    return bundle
+
+
+def seeded_model(config: LVPNetConfig, seed: int = 0, name: str | None = None) -> ModelBundle:
+    """An untrained model with deterministic weights (tests, and the floor any model must beat)."""
+    torch.manual_seed(seed)
+    return bundle_from_model(LVPNet(config), name or f"{config.name}-untrained-seed{seed}")
+
+
+class Zoo:
+    """Registry of named models: the files shipped in the package plus any registered at run time."""
+
+    def __init__(self, registry_file: Path = REGISTRY_FILE) -> None:
+        self._registry_file = registry_file
+        self._loaded: dict[str, ModelBundle] = {}  # by sha256
+        self._extra: dict[str, ModelBundle] = {}  # by name, registered in memory
+        self._lock = threading.Lock()
+
+    def _registry(self) -> dict[str, object]:
+        if not self._registry_file.exists():
+            return {"default": None, "models": {}}
+        return json.loads(self._registry_file.read_text())
+
+    def names(self) -> list[str]:
+        models = self._registry()["models"]
+        assert isinstance(models, dict)
+        return sorted({*models, *self._extra})
+
+    def default_name(self) -> str:
+        default = self._registry().get("default")
+        if not isinstance(default, str):
+            raise WeightsError("no default model is registered")
+        return default
+
+    def register(self, bundle: ModelBundle) -> None:
+        with self._lock:
+            self._extra[bundle.name] = bundle
+            self._loaded[bundle.sha256] = bundle
+
+    def get(self, name: str | None = None, sha256: str | None = None) -> ModelBundle:
+        """Load a model by name (default when None); with `sha256`, the exact weights a stream needs."""
+        name = name or self.default_name()
+        with self._lock:
+            if sha256 is not None and sha256 in self._loaded:
+                return self._loaded[sha256]
+            if name in self._extra and sha256 in (None, self._extra[name].sha256):
+                return self._extra[name]
+            models = self._registry()["models"]
+            assert isinstance(models, dict)
+            entries = models.get(name)
+            if entries is None:
+                raise UnsupportedStreamError(f"model {name!r} is not in the weights zoo (known: {self.names()})")
+            # An entry lists every version of the named weights ever shipped (newest first).
+            for entry in entries:
+                if sha256 is None or entry["sha256"] == sha256:
+                    cached = self._loaded.get(entry["sha256"])
+                    if cached is not None:
+                        return cached
+                    path = self._registry_file.parent / entry["file"]
+                    if not path.exists():
+                        raise WeightsError(f"weights file {path.name} for model {name!r} is missing")
+                    bundle = ModelBundle.from_bytes(path.read_bytes(), entry["sha256"])
+                    self._loaded[bundle.sha256] = bundle
+                    return bundle
+            raise UnsupportedStreamError(f"model {name!r} has no weights with SHA-256 {sha256}")
+
+
+ZOO = Zoo()
