@@ -26,7 +26,7 @@ import torch
 from lvpnet.entropy.fields import pack_fields, unpack_fields
 from lvpnet.entropy.latent import decode_latent, encode_latent
 from lvpnet.entropy.pixelcoder import CODER_VERSION, PixelCoder, StepParams
-from lvpnet.errors import CorruptStreamError, UnsupportedInputError, UnsupportedStreamError
+from lvpnet.errors import CorruptStreamError, LVPNetError, UnsupportedInputError, UnsupportedStreamError
 from lvpnet.model.lvpnet import LATENT_STRIDE
 from lvpnet.spec.container import (
     DEFAULT_MAX_SAMPLES,
@@ -68,12 +68,15 @@ class _Plane:
 
 @dataclass(frozen=True)
 class CodecOptions:
-    """Knobs that never change the decoded result, only speed and memory."""
+    """Knobs that never change the decoded result: speed, memory, and (encoder only) whether a
+    plane may fall back to raw bits when the model codes it larger."""
 
     batch: int = DEFAULT_BATCH  # tiles per network call
     workers: int = 1  # threads over batches
     compute: str = "float64"  # "auto": float32 where a layer is proven exact in it
     device: str = "cpu"
+    channels_last: bool = False  # memory layout of the network's activations
+    raw_fallback: bool = True  # False: always code varying planes with the model (ablations, tests)
 
 
 # ---------------------------------------------------------------------------------------- API
@@ -160,7 +163,7 @@ def decompress(
     """Decode a stream to the array given to `compress`: same dtype, shape and bits, or an error."""
     data = bytes(data)
     header = parse_header(data, max_samples=max_samples)
-    frames = _decode_frames(data, header, range(header.descriptor.frames), options or CodecOptions())
+    frames = _guarded_decode(data, header, range(header.descriptor.frames), options or CodecOptions())
     out = frames.reshape(header.descriptor.shape())
     if sha256(_canonical_bytes(out)) != header.raw_sha256:
         raise CorruptStreamError("decoded array does not match the stream's SHA-256")
@@ -182,7 +185,35 @@ def decompress_frames(
         if not 0 <= f < d.frames:
             raise IndexError(f"frame {f} out of range (stream has {d.frames})")
     frames = _decode_frames(data, header, frame_indices, options or CodecOptions())
-    return frames if d.layout in (Layout.ROWS_COLS_SAMPLES, Layout.FRAMES_ROWS_COLS_SAMPLES) else frames[..., 0]
+    return (
+        frames if d.layout in (Layout.ROWS_COLS_SAMPLES, Layout.FRAMES_ROWS_COLS_SAMPLES) else frames[..., 0]
+    )
+
+
+def stream_stats(data: bytes) -> dict[str, int]:
+    """Where a stream's bytes go: header, latent z, model-coded pixels, raw planes, per-plane
+    records; plus plane counts by mode.  Sums to len(data) (every byte counted)."""
+    header = parse_header(data, max_samples=1 << 62)
+    d = header.descriptor
+    stats = {"header": header.header_length, "z": 0, "pixels": 0, "raw": 0, "plane_records": 0}
+    stats.update({f"planes_{m.name.lower()}": 0 for m in PlaneMode})
+    for index in range(len(header.chunks)):
+        body = memoryview(check_chunk(data, header, index))
+        for _ in range(d.samples):
+            (mode, _minimum), body = _read(body, "<Bi")
+            stats[f"planes_{PlaneMode(mode).name.lower()}"] += 1
+            stats["plane_records"] += 5
+            if mode == PlaneMode.CONSTANT:
+                continue
+            _bits, body = _read(body, "<B")
+            stats["plane_records"] += 1
+            sections = ("raw",) if mode == PlaneMode.RAW else ("z", "pixels")
+            for section in sections:
+                (n,), body = _read(body, "<I")
+                _payload, body = _take(body, n)
+                stats[section] += n
+                stats["plane_records"] += 4
+    return stats
 
 
 # ------------------------------------------------------------------------------------ layout
@@ -277,7 +308,9 @@ def _encode_planes(bundle: ModelBundle, planes: list[_Plane], options: CodecOpti
         )
         z = encoder.analyse(torch.from_numpy(x[:, None].astype(np.float32))).numpy()
         bits = np.array([p.bits for p in batch])
-        mu16, scale_index = bundle.exact.predict(z, bits, compute=options.compute, device=options.device)
+        mu16, scale_index = bundle.exact.predict(
+            z, bits, compute=options.compute, device=options.device, channels_last=options.channels_last
+        )
         for i, plane in enumerate(batch):
             h, w = plane.values.shape
             latent = encode_latent(z[i].astype(np.int32))
@@ -286,9 +319,11 @@ def _encode_planes(bundle: ModelBundle, planes: list[_Plane], options: CodecOpti
             )
             model_size = 4 + len(latent) + 4 + len(pixels)
             raw_size = 4 + (plane.values.size * plane.bits + 7) // 8
-            if model_size < raw_size:
+            if model_size < raw_size or not options.raw_fallback:
                 plane.mode = PlaneMode.MODEL
-                plane.payload = struct.pack("<I", len(latent)) + latent + struct.pack("<I", len(pixels)) + pixels
+                plane.payload = (
+                    struct.pack("<I", len(latent)) + latent + struct.pack("<I", len(pixels)) + pixels
+                )
             else:
                 plane.mode = PlaneMode.RAW
                 raw = pack_fields(plane.values.ravel(), np.full(plane.values.size, plane.bits))
@@ -327,13 +362,27 @@ class _PendingPlane:
     out: np.ndarray  # view to fill, (h, w) int64
 
 
+def _guarded_decode(
+    data: bytes, header: Header, frame_indices: Iterable[int], options: CodecOptions
+) -> np.ndarray:
+    # The header and every chunk are CRC-checked, so damage that reaches here is a crafted or
+    # colliding stream; whatever low-level error it provokes is reported as corruption.
+    try:
+        return _decode_frames(data, header, frame_indices, options)
+    except (LVPNetError, MemoryError):
+        raise
+    except (ValueError, IndexError, OverflowError, struct.error, RuntimeError) as exc:
+        raise CorruptStreamError(f"stream could not be decoded: {type(exc).__name__}: {exc}") from exc
+
+
 def _decode_frames(
     data: bytes, header: Header, frame_indices: Iterable[int], options: CodecOptions
 ) -> np.ndarray:
     d = header.descriptor
     if header.coder_version != CODER_VERSION:
         raise UnsupportedStreamError(
-            f"stream was written with entropy coder {header.coder_version!r}; this reader has {CODER_VERSION!r}"
+            f"stream was written with entropy coder {header.coder_version!r}; "
+            f"this reader has {CODER_VERSION!r}"
         )
     frame_indices = list(frame_indices)
     planes = np.zeros((len(frame_indices), d.rows, d.cols, d.samples), dtype=np.int64)
@@ -352,9 +401,12 @@ def _decode_frames(
         _decode_model_planes(bundle, pending, options)
     if d.color == Color.RGB:
         planes = _inverse_rct(planes)
-    lo, hi = {DType.UINT8: (0, 255), DType.INT8: (-128, 127), DType.UINT16: (0, 65535), DType.INT16: (-32768, 32767)}[
-        d.dtype
-    ]
+    lo, hi = {
+        DType.UINT8: (0, 255),
+        DType.INT8: (-128, 127),
+        DType.UINT16: (0, 65535),
+        DType.INT16: (-32768, 32767),
+    }[d.dtype]
     if planes.size and (planes.min() < lo or planes.max() > hi):
         raise CorruptStreamError("decoded samples fall outside the stream's data type")
     out = planes.astype(d.dtype.numpy_name)
@@ -409,14 +461,20 @@ def _decode_model_planes(bundle: ModelBundle, pending: list[_PendingPlane], opti
     by_shape: dict[tuple[int, int], list[_PendingPlane]] = defaultdict(list)
     for plane in pending:
         by_shape[_padded_shape(*plane.shape)].append(plane)
-    batches = [g[i : i + max(1, options.batch)] for g in by_shape.values() for i in range(0, len(g), max(1, options.batch))]
+    batches = [
+        g[i : i + max(1, options.batch)]
+        for g in by_shape.values()
+        for i in range(0, len(g), max(1, options.batch))
+    ]
 
     def run(batch: list[_PendingPlane]) -> None:
         hp, wp = _padded_shape(*batch[0].shape)
         z_shape = (channels, hp // LATENT_STRIDE, wp // LATENT_STRIDE)
         z = np.stack([decode_latent(p.z_payload, z_shape) for p in batch]).astype(np.int64)
         bits = np.array([p.bits for p in batch])
-        mu16, scale_index = bundle.exact.predict(z, bits, compute=options.compute, device=options.device)
+        mu16, scale_index = bundle.exact.predict(
+            z, bits, compute=options.compute, device=options.device, channels_last=options.channels_last
+        )
         for i, plane in enumerate(batch):
             h, w = plane.shape
             decoder = coder.decoder(plane.pixel_payload)

@@ -74,9 +74,11 @@ class PixelCoder:
             low_lengths.append(symbols.low_bits)
             residual = coarse - symbols.centre
             symbol = np.clip(residual + HALF_WIDTH + 1, 0, ALPHABET - 1)
-            escapes.append(np.where(symbol == 0, -HALF_WIDTH - 1 - residual, residual - HALF_WIDTH - 1)[
-                (symbol == 0) | (symbol == ALPHABET - 1)
-            ])
+            escapes.append(
+                np.where(symbol == 0, -HALF_WIDTH - 1 - residual, residual - HALF_WIDTH - 1)[
+                    (symbol == 0) | (symbol == ALPHABET - 1)
+                ]
+            )
             prepared.append((symbols, symbol.astype(np.int32)))
         # ANS is a stack: encode in the reverse of the decoding order.
         for symbols, symbol in reversed(prepared):

@@ -28,13 +28,21 @@ class ExactLVPNet:
         return self.layers[name](x, compute)
 
     def predict(
-        self, z: np.ndarray, bits: np.ndarray, *, compute: str = "float64", device: str = "cpu"
+        self,
+        z: np.ndarray,
+        bits: np.ndarray,
+        *,
+        compute: str = "float64",
+        device: str = "cpu",
+        channels_last: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """z: int (B, M, h, w); bits: (B,) normalisation bit depths.
 
         Returns (mu16, scale_index), each int64 (B, 8h, 8w).
         """
         x = torch.from_numpy(np.clip(z, -Z_LIMIT, Z_LIMIT).astype(np.float64)).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             y_hat = self._run("dequantise", x, compute)
             if self.use_qcm:
@@ -42,7 +50,9 @@ class ExactLVPNet:
                 f = f0
                 for i in range(self.qcm_blocks):
                     h = self._run(f"qcm.blocks.{i}.conv1", f, compute)
-                    f = _clamp_like(f + self._run(f"qcm.blocks.{i}.conv2", h, compute), self.layers["qcm.conv_in"])
+                    f = _clamp_like(
+                        f + self._run(f"qcm.blocks.{i}.conv2", h, compute), self.layers["qcm.conv_in"]
+                    )
                 comp = self._run("qcm.conv_out", _clamp_like(f + f0, self.layers["qcm.conv_in"]), compute)
                 latent = _clamp_like(y_hat + comp, self.layers["qcm.conv_in"])
             else:

@@ -26,15 +26,35 @@ def export_exact(model: LVPNet) -> ExactLVPNet:
     m = cfg.latent_channels
     identity = torch.eye(m).view(m, m, 1, 1)
     layers["dequantise"] = quantise_conv(
-        identity, None, in_fraction_bits=0, out_fraction_bits=HIDDEN_BITS, weight_bits=Z_WEIGHT_BITS,
-        in_bound=Z_LIMIT, out_limit=HIDDEN_LIMIT, relu=False, input_scale=cfg.q_step,
+        identity,
+        None,
+        in_fraction_bits=0,
+        out_fraction_bits=HIDDEN_BITS,
+        weight_bits=Z_WEIGHT_BITS,
+        in_bound=Z_LIMIT,
+        out_limit=HIDDEN_LIMIT,
+        relu=False,
+        input_scale=cfg.q_step,
     )
-    hidden = dict(in_fraction_bits=HIDDEN_BITS, out_fraction_bits=HIDDEN_BITS, weight_bits=WEIGHT_BITS,
-                  in_bound=hidden_bound, out_limit=HIDDEN_LIMIT)
+    hidden = dict(
+        in_fraction_bits=HIDDEN_BITS,
+        out_fraction_bits=HIDDEN_BITS,
+        weight_bits=WEIGHT_BITS,
+        in_bound=hidden_bound,
+        out_limit=HIDDEN_LIMIT,
+    )
     if model.qcm is not None:
-        conv("qcm.conv_in", model.qcm.conv_in, in_fraction_bits=0, out_fraction_bits=HIDDEN_BITS,
-             weight_bits=Z_WEIGHT_BITS, in_bound=Z_LIMIT, out_limit=HIDDEN_LIMIT, relu=False,
-             input_scale=cfg.q_step)
+        conv(
+            "qcm.conv_in",
+            model.qcm.conv_in,
+            in_fraction_bits=0,
+            out_fraction_bits=HIDDEN_BITS,
+            weight_bits=Z_WEIGHT_BITS,
+            in_bound=Z_LIMIT,
+            out_limit=HIDDEN_LIMIT,
+            relu=False,
+            input_scale=cfg.q_step,
+        )
         for i, block in enumerate(model.qcm.blocks):
             conv(f"qcm.blocks.{i}.conv1", block.conv1, relu=True, **hidden)
             conv(f"qcm.blocks.{i}.conv2", block.conv2, relu=False, **hidden)
@@ -42,7 +62,9 @@ def export_exact(model: LVPNet) -> ExactLVPNet:
     recon = model.reconstruction
     conv("recon.conv1", recon.conv1, relu=True, **hidden)
     conv("recon.conv2", recon.conv2, relu=False, **{**hidden, "out_limit": HEAD_LIMIT})
-    head = dict(in_fraction_bits=HIDDEN_BITS, weight_bits=WEIGHT_BITS, in_bound=head_bound, out_limit=HEAD_LIMIT)
+    head = dict(
+        in_fraction_bits=HIDDEN_BITS, weight_bits=WEIGHT_BITS, in_bound=head_bound, out_limit=HEAD_LIMIT
+    )
     conv("recon.head1", recon.head1, relu=True, out_fraction_bits=HIDDEN_BITS, **head)
     conv("recon.head2", recon.head2, relu=False, out_fraction_bits=[MEAN_BITS, LOG_SCALE_BITS], **head)
     return ExactLVPNet(layers, cfg.qcm_blocks if cfg.use_qcm else 0, cfg.use_qcm)

@@ -11,8 +11,6 @@ for these layers because their Winograd/FFT algorithms leave the integers.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,11 +52,19 @@ class IntConv:
         self.exact_in_float32 = self.accumulator_bound < EXACT_FLOAT32 and self.in_bound < EXACT_FLOAT32
         self._cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 
-    def _accumulator_bound(self) -> int:
+    def _accumulator_bound(self, in_bound: int | None = None) -> int:
         # Largest |partial sum| of any output: every product and the bias at their extremes.
+        in_bound = self.in_bound if in_bound is None else in_bound
         per_output = np.abs(self.weight).reshape(self.weight.shape[0], -1).sum(axis=1)
-        worst = [int(s) * self.in_bound + abs(int(b)) for s, b in zip(per_output, self.bias, strict=True)]
+        worst = [int(s) * in_bound + abs(int(b)) for s, b in zip(per_output, self.bias, strict=True)]
         return max(worst, default=0)
+
+    def _float32_is_exact(self, x: torch.Tensor) -> bool:
+        """Data-dependent proof: with this input's actual max |A|, every partial sum < 2**24."""
+        if x.numel() == 0:
+            return True
+        actual = int(x.abs().max().item())
+        return actual < EXACT_FLOAT32 and self._accumulator_bound(actual) < EXACT_FLOAT32
 
     @property
     def out_bound(self) -> int:
@@ -77,11 +83,19 @@ class IntConv:
         return self._cache[key]
 
     def __call__(self, x: torch.Tensor, compute: str = "float64") -> torch.Tensor:
-        """`x` holds integers (any float dtype); returns integers as float64."""
-        dtype = torch.float32 if compute == "auto" and self.exact_in_float32 else torch.float64
+        """`x` holds integers (any float dtype); returns integers as float64.
+
+        compute="float64" always accumulates in float64; "auto" uses float32 when this input
+        provably keeps every partial sum below 2**24, float64 otherwise.
+        """
+        if compute not in ("float64", "auto"):
+            raise ValueError(f"unknown compute mode {compute!r}")
+        use_float32 = compute == "auto" and (self.exact_in_float32 or self._float32_is_exact(x))
+        dtype = torch.float32 if use_float32 else torch.float64
+        if x.device.type != "cpu":
+            dtype = torch.float64  # GPU float32 GEMMs may run in TF32; float64 never does
         weight, bias, scale = self._tensors(dtype, x.device)
-        with exact_kernels():
-            acc = F.conv2d(x.to(dtype), weight, None, 1, self.padding)
+        acc = _conv_gemm(x.to(dtype), weight, self.padding)
         # Both the bias add and the power-of-two scaling are exact within the checked bound.
         acc = (acc + bias).to(torch.float64)
         out = torch.floor(acc * scale.to(torch.float64))
@@ -100,23 +114,32 @@ class IntConv:
         try:
             padding, in_bound, lo, hi = (int(v) for v in arrays[f"{prefix}.meta"])
             return cls(
-                arrays[f"{prefix}.weight"], arrays[f"{prefix}.bias"], arrays[f"{prefix}.shift"],
-                padding, in_bound, lo, hi,
+                arrays[f"{prefix}.weight"],
+                arrays[f"{prefix}.bias"],
+                arrays[f"{prefix}.shift"],
+                padding,
+                in_bound,
+                lo,
+                hi,
             )
         except KeyError as exc:
             raise WeightsError(f"weights lack integer layer {prefix!r}") from exc
 
 
-@contextlib.contextmanager
-def exact_kernels() -> Iterator[None]:
-    """Route convolutions to plain im2col + GEMM on every backend (no Winograd/FFT, no TF32)."""
-    with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False):
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
+def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
+    """Convolution as im2col + one matrix product: only multiply-adds of the integers themselves,
+    never a Winograd/FFT transform whose intermediate values are not integers."""
+    batch, _, height, width = x.shape
+    out_channels, _, kh, kw = weight.shape
+    matrix = weight.reshape(out_channels, -1)
+    if kh == kw == 1:
+        columns = x.reshape(batch, x.shape[1], height * width)
+    else:
+        columns = F.unfold(x, (kh, kw), padding=padding)
+    out = torch.matmul(matrix, columns)
+    out_h = height + 2 * padding - kh + 1
+    out_w = width + 2 * padding - kw + 1
+    return out.reshape(batch, out_channels, out_h, out_w)
 
 
 def quantise_conv(

@@ -58,8 +58,13 @@ class ModelBundle:
         arrays: dict[str, np.ndarray] = {
             "meta": np.frombuffer(
                 json.dumps(
-                    {"format": BUNDLE_FORMAT, "name": self.name, "config": self.config.to_dict(),
-                     "tables_version": TABLES_VERSION, "layers": sorted(self.exact.layers)},
+                    {
+                        "format": BUNDLE_FORMAT,
+                        "name": self.name,
+                        "config": self.config.to_dict(),
+                        "tables_version": TABLES_VERSION,
+                        "layers": sorted(self.exact.layers),
+                    },
                     sort_keys=True,
                 ).encode(),
                 dtype=np.uint8,
@@ -145,6 +150,12 @@ class Zoo:
             self._extra[bundle.name] = bundle
             self._loaded[bundle.sha256] = bundle
 
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            bundle = self._extra.pop(name, None)
+            if bundle is not None:
+                self._loaded.pop(bundle.sha256, None)
+
     def get(self, name: str | None = None, sha256: str | None = None) -> ModelBundle:
         """Load a model by name (default when None); with `sha256`, the exact weights a stream needs."""
         name = name or self.default_name()
@@ -156,10 +167,11 @@ class Zoo:
             models = self._registry()["models"]
             assert isinstance(models, dict)
             entries = models.get(name)
-            if entries is None:
-                raise UnsupportedStreamError(f"model {name!r} is not in the weights zoo (known: {self.names()})")
+            if entries is None and name not in self._extra:
+                known = self.names()
+                raise UnsupportedStreamError(f"model {name!r} is not in the weights zoo (known: {known})")
             # An entry lists every version of the named weights ever shipped (newest first).
-            for entry in entries:
+            for entry in entries or []:
                 if sha256 is None or entry["sha256"] == sha256:
                     cached = self._loaded.get(entry["sha256"])
                     if cached is not None:
@@ -171,6 +183,21 @@ class Zoo:
                     self._loaded[bundle.sha256] = bundle
                     return bundle
             raise UnsupportedStreamError(f"model {name!r} has no weights with SHA-256 {sha256}")
+
+
+def register_in_file(
+    bundle: ModelBundle, path: Path, *, make_default: bool = False, registry_file: Path = REGISTRY_FILE
+) -> None:
+    """Add shipped weights to the registry; earlier versions of the name are kept (old streams)."""
+    registry = (
+        json.loads(registry_file.read_text()) if registry_file.exists() else {"default": None, "models": {}}
+    )
+    entries = registry["models"].setdefault(bundle.name, [])
+    if all(e["sha256"] != bundle.sha256 for e in entries):
+        entries.insert(0, {"file": path.name, "sha256": bundle.sha256, "config": bundle.config.to_dict()})
+    if make_default or registry.get("default") is None:
+        registry["default"] = bundle.name
+    registry_file.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
 
 
 ZOO = Zoo()
