@@ -130,15 +130,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import hashlib
 
-    from lvpnet.model.lvpnet import CONFIGS, LVPNetConfig
+    from lvpnet.model.configs import CONFIGS, config_from_dict
     from lvpnet.train.data import load_frames, load_heldout
     from lvpnet.train.trainer import TrainSettings, train
     from lvpnet.zoo import WEIGHTS_DIR, bundle_from_model, register_in_file
 
-    config: LVPNetConfig = CONFIGS[args.config]
+    config = CONFIGS[args.config]
     overrides = {k: v for k, v in (("sampling_ratio", args.ratio), ("q_step", args.q_step)) if v is not None}
     if overrides:
-        config = LVPNetConfig(**{**config.to_dict(), **overrides, "name": args.name or config.name})
+        config = config_from_dict({**config.to_dict(), **overrides, "name": args.name or config.name})
     frames = load_frames([Path(p) for p in args.data], heldout=load_heldout(), split="train")
     print(f"{len(frames)} training planes", file=sys.stderr)
     settings = TrainSettings(
@@ -151,6 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         decay_every=max(1, args.steps // 2),
+        max_minutes=args.minutes,
     )
     name = args.name or config.name
     model = train(config, frames, settings, args.checkpoints / name, progress=not args.quiet)
@@ -209,12 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--q-step", type=float, default=None)
     tr.add_argument("--rate-weight", type=float, default=0.0)
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--minutes", type=float, default=None, help="compute budget")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--threads", type=int, default=2)
     tr.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
     tr.add_argument("--register", action="store_true", help="ship the weights in the package zoo")
     tr.add_argument("--default", action="store_true", help="make it the zoo's default model")
     tr.set_defaults(func=cmd_train)
+
+    from lvpnet.eval.bench import add_bench_parser
+
+    add_bench_parser(sub)
 
     zoo = sub.add_parser("zoo", help="list the models in the weights zoo")
     zoo.set_defaults(func=cmd_zoo)

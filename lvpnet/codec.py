@@ -21,13 +21,10 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
-import torch
 
 from lvpnet.entropy.fields import pack_fields, unpack_fields
-from lvpnet.entropy.latent import decode_latent, encode_latent
-from lvpnet.entropy.pixelcoder import CODER_VERSION, PixelCoder, StepParams
+from lvpnet.entropy.pixelcoder import CODER_VERSION
 from lvpnet.errors import CorruptStreamError, LVPNetError, UnsupportedInputError, UnsupportedStreamError
-from lvpnet.model.lvpnet import LATENT_STRIDE
 from lvpnet.spec.container import (
     DEFAULT_MAX_SAMPLES,
     MAX_DIMENSION,
@@ -185,9 +182,7 @@ def decompress_frames(
         if not 0 <= f < d.frames:
             raise IndexError(f"frame {f} out of range (stream has {d.frames})")
     frames = _decode_frames(data, header, frame_indices, options or CodecOptions())
-    return (
-        frames if d.layout in (Layout.ROWS_COLS_SAMPLES, Layout.FRAMES_ROWS_COLS_SAMPLES) else frames[..., 0]
-    )
+    return frames if d.layout in (Layout.ROWS_COLS_SAMPLES, Layout.FRAMES_ROWS_COLS_SAMPLES) else frames[..., 0]
 
 
 def stream_stats(data: bytes) -> dict[str, int]:
@@ -271,18 +266,11 @@ def _make_plane(region: np.ndarray) -> _Plane:
     return _Plane(values, minimum, bits)
 
 
-def _padded_shape(h: int, w: int) -> tuple[int, int]:
-    return -(-h // LATENT_STRIDE) * LATENT_STRIDE, -(-w // LATENT_STRIDE) * LATENT_STRIDE
-
-
 def _batches(planes: Iterable[_Plane], batch: int) -> list[list[_Plane]]:
     by_shape: dict[tuple[int, int], list[_Plane]] = defaultdict(list)
     for plane in planes:
-        by_shape[_padded_shape(*plane.values.shape)].append(plane)
-    out = []
-    for group in by_shape.values():
-        out.extend(group[i : i + batch] for i in range(0, len(group), max(1, batch)))
-    return out
+        by_shape[plane.values.shape].append(plane)
+    return [g[i : i + max(1, batch)] for g in by_shape.values() for i in range(0, len(g), max(1, batch))]
 
 
 def _encode_planes(bundle: ModelBundle, planes: list[_Plane], options: CodecOptions) -> None:
@@ -294,36 +282,17 @@ def _encode_planes(bundle: ModelBundle, planes: list[_Plane], options: CodecOpti
             varying.append(plane)
     if not varying:
         return
-    coder = PixelCoder(bundle.tables)
-    encoder = bundle.encoder()
+    coder = bundle.plane_coder()
 
     def run(batch: list[_Plane]) -> None:
-        hp, wp = _padded_shape(*batch[0].values.shape)
-        x = np.stack(
-            [
-                np.pad(p.values, ((0, hp - p.values.shape[0]), (0, wp - p.values.shape[1])), mode="edge")
-                / float(1 << p.bits)
-                for p in batch
-            ]
-        )
-        z = encoder.analyse(torch.from_numpy(x[:, None].astype(np.float32))).numpy()
+        values = np.stack([p.values for p in batch])
         bits = np.array([p.bits for p in batch])
-        mu16, scale_index = bundle.exact.predict(
-            z, bits, compute=options.compute, device=options.device, channels_last=options.channels_last
-        )
-        for i, plane in enumerate(batch):
-            h, w = plane.values.shape
-            latent = encode_latent(z[i].astype(np.int32))
-            pixels = coder.encode(
-                [plane.values.ravel()], [StepParams(mu16[i, :h, :w].ravel(), scale_index[i, :h, :w].ravel())]
-            )
+        for plane, (latent, pixels) in zip(batch, coder.encode(values, bits, options), strict=True):
             model_size = 4 + len(latent) + 4 + len(pixels)
             raw_size = 4 + (plane.values.size * plane.bits + 7) // 8
             if model_size < raw_size or not options.raw_fallback:
                 plane.mode = PlaneMode.MODEL
-                plane.payload = (
-                    struct.pack("<I", len(latent)) + latent + struct.pack("<I", len(pixels)) + pixels
-                )
+                plane.payload = struct.pack("<I", len(latent)) + latent + struct.pack("<I", len(pixels)) + pixels
             else:
                 plane.mode = PlaneMode.RAW
                 raw = pack_fields(plane.values.ravel(), np.full(plane.values.size, plane.bits))
@@ -362,9 +331,7 @@ class _PendingPlane:
     out: np.ndarray  # view to fill, (h, w) int64
 
 
-def _guarded_decode(
-    data: bytes, header: Header, frame_indices: Iterable[int], options: CodecOptions
-) -> np.ndarray:
+def _guarded_decode(data: bytes, header: Header, frame_indices: Iterable[int], options: CodecOptions) -> np.ndarray:
     # The header and every chunk are CRC-checked, so damage that reaches here is a crafted or
     # colliding stream; whatever low-level error it provokes is reported as corruption.
     try:
@@ -375,14 +342,11 @@ def _guarded_decode(
         raise CorruptStreamError(f"stream could not be decoded: {type(exc).__name__}: {exc}") from exc
 
 
-def _decode_frames(
-    data: bytes, header: Header, frame_indices: Iterable[int], options: CodecOptions
-) -> np.ndarray:
+def _decode_frames(data: bytes, header: Header, frame_indices: Iterable[int], options: CodecOptions) -> np.ndarray:
     d = header.descriptor
     if header.coder_version != CODER_VERSION:
         raise UnsupportedStreamError(
-            f"stream was written with entropy coder {header.coder_version!r}; "
-            f"this reader has {CODER_VERSION!r}"
+            f"stream was written with entropy coder {header.coder_version!r}; this reader has {CODER_VERSION!r}"
         )
     frame_indices = list(frame_indices)
     planes = np.zeros((len(frame_indices), d.rows, d.cols, d.samples), dtype=np.int64)
@@ -456,32 +420,18 @@ def _parse_plane(
 
 
 def _decode_model_planes(bundle: ModelBundle, pending: list[_PendingPlane], options: CodecOptions) -> None:
-    coder = PixelCoder(bundle.tables)
-    channels = bundle.config.latent_channels
+    coder = bundle.plane_coder()
     by_shape: dict[tuple[int, int], list[_PendingPlane]] = defaultdict(list)
     for plane in pending:
-        by_shape[_padded_shape(*plane.shape)].append(plane)
-    batches = [
-        g[i : i + max(1, options.batch)]
-        for g in by_shape.values()
-        for i in range(0, len(g), max(1, options.batch))
-    ]
+        by_shape[plane.shape].append(plane)
+    step = max(1, options.batch)
+    batches = [g[i : i + step] for g in by_shape.values() for i in range(0, len(g), step)]
 
     def run(batch: list[_PendingPlane]) -> None:
-        hp, wp = _padded_shape(*batch[0].shape)
-        z_shape = (channels, hp // LATENT_STRIDE, wp // LATENT_STRIDE)
-        z = np.stack([decode_latent(p.z_payload, z_shape) for p in batch]).astype(np.int64)
         bits = np.array([p.bits for p in batch])
-        mu16, scale_index = bundle.exact.predict(
-            z, bits, compute=options.compute, device=options.device, channels_last=options.channels_last
-        )
-        for i, plane in enumerate(batch):
-            h, w = plane.shape
-            decoder = coder.decoder(plane.pixel_payload)
-            values = decoder.decode_step(StepParams(mu16[i, :h, :w].ravel(), scale_index[i, :h, :w].ravel()))
-            decoder.finish()
-            if values.min(initial=0) < 0 or values.max(initial=0) >= (1 << plane.bits):
-                raise CorruptStreamError("decoded samples outside the plane's range")
-            plane.out[...] = values.reshape(h, w) + plane.minimum
+        payloads = [(p.z_payload, p.pixel_payload) for p in batch]
+        values = coder.decode(payloads, batch[0].shape, bits, options)
+        for plane, plane_values in zip(batch, values, strict=True):
+            plane.out[...] = plane_values + plane.minimum
 
     _run_batches(run, batches, options.workers)  # type: ignore[arg-type]

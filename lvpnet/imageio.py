@@ -41,9 +41,7 @@ DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
 EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
 # Every other transfer syntax encapsulates its pixel data (compressed, or fragments of raw bytes).
 # Deflate is native here because pydicom inflates the whole dataset while reading it.
-NATIVE_TRANSFER_SYNTAXES = frozenset(
-    {IMPLICIT_VR_LE, EXPLICIT_VR_LE, DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE}
-)
+NATIVE_TRANSFER_SYNTAXES = frozenset({IMPLICIT_VR_LE, EXPLICIT_VR_LE, DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE})
 
 # Photometric interpretations whose native encoding shares chroma between pixels: the stored
 # samples are not one per pixel, so they do not fit the (rows, cols, 3) array the codec takes.

@@ -50,9 +50,7 @@ class ExactLVPNet:
                 f = f0
                 for i in range(self.qcm_blocks):
                     h = self._run(f"qcm.blocks.{i}.conv1", f, compute)
-                    f = _clamp_like(
-                        f + self._run(f"qcm.blocks.{i}.conv2", h, compute), self.layers["qcm.conv_in"]
-                    )
+                    f = _clamp_like(f + self._run(f"qcm.blocks.{i}.conv2", h, compute), self.layers["qcm.conv_in"])
                 comp = self._run("qcm.conv_out", _clamp_like(f + f0, self.layers["qcm.conv_in"]), compute)
                 latent = _clamp_like(y_hat + comp, self.layers["qcm.conv_in"])
             else:

@@ -62,9 +62,7 @@ def export_exact(model: LVPNet) -> ExactLVPNet:
     recon = model.reconstruction
     conv("recon.conv1", recon.conv1, relu=True, **hidden)
     conv("recon.conv2", recon.conv2, relu=False, **{**hidden, "out_limit": HEAD_LIMIT})
-    head = dict(
-        in_fraction_bits=HIDDEN_BITS, weight_bits=WEIGHT_BITS, in_bound=head_bound, out_limit=HEAD_LIMIT
-    )
+    head = dict(in_fraction_bits=HIDDEN_BITS, weight_bits=WEIGHT_BITS, in_bound=head_bound, out_limit=HEAD_LIMIT)
     conv("recon.head1", recon.head1, relu=True, out_fraction_bits=HIDDEN_BITS, **head)
     conv("recon.head2", recon.head2, relu=False, out_fraction_bits=[MEAN_BITS, LOG_SCALE_BITS], **head)
     return ExactLVPNet(layers, cfg.qcm_blocks if cfg.use_qcm else 0, cfg.use_qcm)

@@ -46,9 +46,7 @@ class IntConv:
             raise WeightsError("integer layer shift out of range")
         self.accumulator_bound = self._accumulator_bound()
         if self.accumulator_bound >= EXACT_FLOAT64:
-            raise WeightsError(
-                f"integer layer may reach {self.accumulator_bound} >= 2**53: not exact in float64"
-            )
+            raise WeightsError(f"integer layer may reach {self.accumulator_bound} >= 2**53: not exact in float64")
         self.exact_in_float32 = self.accumulator_bound < EXACT_FLOAT32 and self.in_bound < EXACT_FLOAT32
         self._cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 
@@ -132,10 +130,8 @@ def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Ten
     batch, _, height, width = x.shape
     out_channels, _, kh, kw = weight.shape
     matrix = weight.reshape(out_channels, -1)
-    if kh == kw == 1:
-        columns = x.reshape(batch, x.shape[1], height * width)
-    else:
-        columns = F.unfold(x, (kh, kw), padding=padding)
+    pointwise = kh == kw == 1
+    columns = x.reshape(batch, x.shape[1], height * width) if pointwise else F.unfold(x, (kh, kw), padding=padding)
     out = torch.matmul(matrix, columns)
     out_h = height + 2 * padding - kh + 1
     out_w = width + 2 * padding - kw + 1

@@ -210,13 +210,9 @@ def _parse_v1(data: bytes, total: int, max_samples: int) -> Header:
     codec_id = r.string("codec id")
     weights_sha = r.take(32, "weights SHA-256")
     coder_version = r.string("coder version")
-    rows, cols, frames, samples, dtype, bits, color, layout, _reserved, tile = r.unpack(
-        _DESCRIPTOR, "descriptor"
-    )
+    rows, cols, frames, samples, dtype, bits, color, layout, _reserved, tile = r.unpack(_DESCRIPTOR, "descriptor")
     try:
-        descriptor = Descriptor(
-            rows, cols, frames, samples, DType(dtype), bits, Color(color), Layout(layout), tile
-        )
+        descriptor = Descriptor(rows, cols, frames, samples, DType(dtype), bits, Color(color), Layout(layout), tile)
     except ValueError as exc:
         raise CorruptStreamError(f"invalid descriptor field: {exc}") from exc
     _check_descriptor(descriptor, max_samples)
@@ -224,9 +220,7 @@ def _parse_v1(data: bytes, total: int, max_samples: int) -> Header:
     frame_sha = [r.take(32, "frame SHA-256") for _ in range(frames)]
     (n_chunks,) = struct.unpack("<I", r.take(4, "chunk count"))
     if n_chunks != frames * descriptor.tiles_per_frame:
-        raise CorruptStreamError(
-            f"{n_chunks} chunks for {frames} frames of {descriptor.tiles_per_frame} tiles"
-        )
+        raise CorruptStreamError(f"{n_chunks} chunks for {frames} frames of {descriptor.tiles_per_frame} tiles")
     payload_length = len(data) - total
     chunks = []
     expected_offset = 0
@@ -237,9 +231,7 @@ def _parse_v1(data: bytes, total: int, max_samples: int) -> Header:
         expected_offset = offset + length
         chunks.append(Chunk(offset, length, crc))
     if expected_offset != payload_length:
-        raise CorruptStreamError(
-            f"payload has {payload_length - expected_offset} bytes beyond the last chunk"
-        )
+        raise CorruptStreamError(f"payload has {payload_length - expected_offset} bytes beyond the last chunk")
     if r.pos != r.end:
         raise CorruptStreamError("unexpected bytes at the end of the header")
     return Header(codec_id, weights_sha, coder_version, descriptor, raw_sha, frame_sha, chunks, total)

@@ -87,9 +87,7 @@ class CropSampler:
             bits[i] = max(1, int(values.max()).bit_length())
             x_int[i, 0] = np.pad(values, ((0, c - ch), (0, c - cw)), mode="edge")
             mask[i, 0, :ch, :cw] = True
-        x_norm = torch.from_numpy(
-            x_int.astype(np.float32) / (2.0 ** bits[:, None, None, None]).astype(np.float32)
-        )
+        x_norm = torch.from_numpy(x_int.astype(np.float32) / (2.0 ** bits[:, None, None, None]).astype(np.float32))
         return x_norm, torch.from_numpy(x_int), torch.from_numpy(mask), torch.from_numpy(bits)
 
 

@@ -1,7 +1,7 @@
 """Training loop: Adam + step decay (the paper's settings), resumable checkpoints, live bpp.
 
-Loss = bits(x | z) per sample (the paper's loss) + `rate_weight` x a differentiable proxy of
-bits(z) per sample (a factorised Laplace fit of z, for the rate-aware configurations).
+Loss = bits(x | z, context) per sample + `rate_weight` x a differentiable proxy of bits(z) per
+sample (a factorised Laplace fit of z).  rate_weight = 0 is the paper's loss.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from lvpnet.model.lvpnet import LVPNet, LVPNetConfig, laplace_bits
+from lvpnet.model.configs import build_model, config_from_dict
+from lvpnet.model.context import ContextConfig, ContextLVPNet
+from lvpnet.model.lvpnet import LVPNet, LVPNetConfig
 from lvpnet.train.data import CropSampler, Frame, frames_digest
+from lvpnet.train.losses import context_bits, faithful_bits
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +37,11 @@ class TrainSettings:
     checkpoint_every: int = 200
     device: str = "cpu"
     threads: int = 2
-
-
-def latent_rate_proxy(z: torch.Tensor) -> torch.Tensor:
-    """Bits of z under a per-channel discretised Laplace fitted to the batch (differentiable)."""
-    flat = z.transpose(0, 1).reshape(z.shape[1], -1)
-    centre = flat.detach().median(dim=1, keepdim=True).values
-    scale = (flat - centre).abs().mean(dim=1, keepdim=True).detach().clamp_min(0.2)
-    upper = _cdf((flat + 0.5 - centre) / scale)
-    lower = _cdf((flat - 0.5 - centre) / scale)
-    return -torch.log2((upper - lower).clamp_min(2**-20)).sum()
-
-
-def _cdf(t: torch.Tensor) -> torch.Tensor:
-    return torch.where(t < 0, 0.5 * torch.exp(t.clamp(max=0)), 1 - 0.5 * torch.exp(-t.clamp(min=0)))
+    max_minutes: float | None = None  # compute budget: stop (and checkpoint) when it is spent
 
 
 def train(
-    config: LVPNetConfig,
+    config: LVPNetConfig | ContextConfig,
     frames: list[Frame],
     settings: TrainSettings,
     checkpoint_dir: Path,
@@ -63,7 +52,8 @@ def train(
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     device = torch.device(settings.device)
-    model = LVPNet(config).to(device)
+    model = build_model(config).to(device)
+    batch_bits = context_bits if isinstance(model, ContextLVPNet) else faithful_bits
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.StepLR(optimiser, settings.decay_every, settings.decay_factor)
     sampler = CropSampler(frames, settings.crop, settings.seed)
@@ -88,13 +78,10 @@ def train(
     started = time.time()
     for step in bar:
         x_norm, x_int, mask, bits = (t.to(device) for t in sampler.batch(settings.batch))
-        z, _y, params = model(x_norm)
-        pixel_bits = (laplace_bits(x_int, params, bits) * mask).sum() / mask.sum()
-        loss = pixel_bits
-        z_bits = torch.zeros((), device=device)
-        if settings.rate_weight > 0:
-            z_bits = latent_rate_proxy(z) / mask.sum()
-            loss = loss + settings.rate_weight * z_bits
+        pixel_total, z_total = batch_bits(model, x_norm, x_int, mask, bits)  # type: ignore[arg-type]
+        pixel_bits = pixel_total / mask.sum()
+        z_bits = z_total / mask.sum()
+        loss = pixel_bits + settings.rate_weight * z_bits
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -103,11 +90,12 @@ def train(
         value = float(pixel_bits.detach()) + float(z_bits.detach())
         ema = value if ema is None else 0.98 * ema + 0.02 * value
         bar.set_postfix(bpp=f"{ema:.3f}", z=f"{float(z_bits):.3f}")
-        history.append(
-            {"step": step + 1, "bpp": value, "pixel_bpp": float(pixel_bits), "z_bpp": float(z_bits)}
-        )
-        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+        history.append({"step": step + 1, "bpp": value, "pixel_bpp": float(pixel_bits), "z_bpp": float(z_bits)})
+        out_of_time = settings.max_minutes is not None and time.time() - started > 60 * settings.max_minutes
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps or out_of_time:
             _save(checkpoint, model, optimiser, scheduler, sampler, step + 1, config)
+        if out_of_time:
+            break
     with (checkpoint_dir / "history.jsonl").open("a") as fh:
         for row in history:
             fh.write(json.dumps(row) + "\n")
@@ -145,22 +133,8 @@ def _save(
     tmp.replace(path)
 
 
-def load_checkpoint_model(path: Path) -> LVPNet:
+def load_checkpoint_model(path: Path) -> LVPNet | ContextLVPNet:
     state = torch.load(path, map_location="cpu", weights_only=False)
-    model = LVPNet(LVPNetConfig(**state["config"]))
+    model = build_model(config_from_dict(state["config"]))
     model.load_state_dict(state["model"])
     return model.eval()
-
-
-def evaluate_bits(
-    model: LVPNet, frames: list[Frame], crop: int = 256, batches: int = 8, seed: int = 1
-) -> float:
-    """Quick float-model estimate (bpp of pixels, no z) on random crops; the benchmark counts bytes."""
-    sampler = CropSampler(frames, crop, seed)
-    totals = []
-    with torch.no_grad():
-        for _ in range(batches):
-            x_norm, x_int, mask, bits = sampler.batch(4)
-            _z, _y, params = model(x_norm)
-            totals.append(float((laplace_bits(x_int, params, bits) * mask).sum() / mask.sum()))
-    return float(np.mean(totals))

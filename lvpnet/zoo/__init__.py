@@ -19,12 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lvpnet.entropy.pixelcoder import PixelCoder
 from lvpnet.entropy.tables import TABLES_VERSION, LaplaceTables, build_laplace_tables
 from lvpnet.errors import UnsupportedStreamError, WeightsError
+from lvpnet.model.configs import build_model, config_from_dict
+from lvpnet.model.context import ContextConfig, ContextLVPNet
+from lvpnet.model.context_coding import ContextPlaneCoder, ExactContext, export_context
 from lvpnet.model.exact import ExactLVPNet
 from lvpnet.model.export import export_exact
 from lvpnet.model.intnet import IntConv
 from lvpnet.model.lvpnet import LVPNet, LVPNetConfig
+from lvpnet.model.plane_coding import FaithfulPlaneCoder, PlaneCoder
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 REGISTRY_FILE = WEIGHTS_DIR / "registry.json"
@@ -34,25 +39,43 @@ BUNDLE_FORMAT = 1
 @dataclass
 class ModelBundle:
     name: str
-    config: LVPNetConfig
-    exact: ExactLVPNet
+    config: LVPNetConfig | ContextConfig
+    exact: ExactLVPNet | ExactContext
     tables: LaplaceTables
     encoder_state: dict[str, np.ndarray]
     sha256: str = ""
     serialized: bytes = field(default=b"", repr=False)  # the exact bytes the SHA-256 covers
-    _encoder: LVPNet | None = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _encoder: LVPNet | ContextLVPNet | None = field(default=None, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _plane_coder: PlaneCoder | None = field(default=None, repr=False)
 
-    def encoder(self) -> LVPNet:
-        """The float network with the sampler weights loaded (encoder side only)."""
+    def encoder(self) -> LVPNet | ContextLVPNet:
+        """The float network with the sampler weights loaded (encoder side only: z is transmitted)."""
         with self._lock:
             if self._encoder is None:
-                net = LVPNet(self.config)
+                net = build_model(self.config)
                 state = {k: torch.from_numpy(v) for k, v in self.encoder_state.items()}
-                net.sampler.load_state_dict(state)
+                sampler = net.sampler if isinstance(net, LVPNet) else net.latent.sampler  # type: ignore[union-attr]
+                if state:
+                    sampler.load_state_dict(state)
                 net.eval()
                 self._encoder = net
             return self._encoder
+
+    def plane_coder(self) -> PlaneCoder:
+        with self._lock:
+            if self._plane_coder is None:
+                coder = PixelCoder(self.tables)
+                if isinstance(self.exact, ExactContext):
+                    self._plane_coder = ContextPlaneCoder(self.encoder(), self.exact, coder)  # type: ignore[arg-type]
+                else:
+                    self._plane_coder = FaithfulPlaneCoder(
+                        self.encoder(),  # type: ignore[arg-type]
+                        self.exact,
+                        coder,
+                        self.config.latent_channels,
+                    )
+            return self._plane_coder
 
     def to_bytes(self) -> bytes:
         arrays: dict[str, np.ndarray] = {
@@ -91,9 +114,9 @@ class ModelBundle:
             raise WeightsError(f"unreadable weights file: {exc}") from exc
         if meta.get("format") != BUNDLE_FORMAT:
             raise WeightsError(f"unknown weights format {meta.get('format')}")
-        config = LVPNetConfig(**meta["config"])
+        config = config_from_dict(meta["config"])
         layers = {name: IntConv.from_arrays(arrays, f"int.{name}") for name in meta["layers"]}
-        exact = ExactLVPNet(layers, config.qcm_blocks if config.use_qcm else 0, config.use_qcm)
+        exact = exact_from_layers(layers, config)
         encoder_state = {k[4:]: v for k, v in arrays.items() if k.startswith("enc.")}
         return cls(meta["name"], config, exact, LaplaceTables(arrays["tables"]), encoder_state, digest, data)
 
@@ -104,20 +127,32 @@ class ModelBundle:
         return path
 
 
-def bundle_from_model(model: LVPNet, name: str) -> ModelBundle:
+def exact_from_layers(layers: dict[str, IntConv], config: LVPNetConfig | ContextConfig) -> ExactLVPNet | ExactContext:
+    if isinstance(config, ContextConfig):
+        return ExactContext(layers, config)
+    return ExactLVPNet(layers, config.qcm_blocks if config.use_qcm else 0, config.use_qcm)
+
+
+def bundle_from_model(model: LVPNet | ContextLVPNet, name: str) -> ModelBundle:
     """The export step: integer decoder layers + CDF tables + encoder weights, hashed."""
-    encoder_state = {k: v.detach().cpu().numpy().copy() for k, v in model.sampler.state_dict().items()}
-    bundle = ModelBundle(name, model.config, export_exact(model), build_laplace_tables(), encoder_state)
+    if isinstance(model, ContextLVPNet):
+        sampler = model.latent.sampler if model.latent is not None else None
+        exact: ExactLVPNet | ExactContext = export_context(model)
+    else:
+        sampler, exact = model.sampler, export_exact(model)
+    state = sampler.state_dict().items() if sampler is not None else []
+    encoder_state = {k: v.detach().cpu().numpy().copy() for k, v in state}
+    bundle = ModelBundle(name, model.config, exact, build_laplace_tables(), encoder_state)
     # Zip archives carry timestamps: serialise once and hash exactly those bytes.
     bundle.serialized = bundle.to_bytes()
     bundle.sha256 = hashlib.sha256(bundle.serialized).hexdigest()
     return bundle
 
 
-def seeded_model(config: LVPNetConfig, seed: int = 0, name: str | None = None) -> ModelBundle:
+def seeded_model(config: LVPNetConfig | ContextConfig, seed: int = 0, name: str | None = None) -> ModelBundle:
     """An untrained model with deterministic weights (tests, and the floor any model must beat)."""
     torch.manual_seed(seed)
-    return bundle_from_model(LVPNet(config), name or f"{config.name}-untrained-seed{seed}")
+    return bundle_from_model(build_model(config), name or f"{config.name}-untrained-seed{seed}")
 
 
 class Zoo:
@@ -189,9 +224,7 @@ def register_in_file(
     bundle: ModelBundle, path: Path, *, make_default: bool = False, registry_file: Path = REGISTRY_FILE
 ) -> None:
     """Add shipped weights to the registry; earlier versions of the name are kept (old streams)."""
-    registry = (
-        json.loads(registry_file.read_text()) if registry_file.exists() else {"default": None, "models": {}}
-    )
+    registry = json.loads(registry_file.read_text()) if registry_file.exists() else {"default": None, "models": {}}
     entries = registry["models"].setdefault(bundle.name, [])
     if all(e["sha256"] != bundle.sha256 for e in entries):
         entries.insert(0, {"file": path.name, "sha256": bundle.sha256, "config": bundle.config.to_dict()})

@@ -1,0 +1,228 @@
+"""Exact integer twin of the context model and its plane coder (shared by encoder and decoder)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lvpnet.entropy.latent import decode_latent, encode_latent
+from lvpnet.entropy.pixelcoder import PixelCoder, StepParams
+from lvpnet.model.context import (
+    FEATURE_LIMIT,
+    HIDDEN_LIMIT,
+    OUT_LIMIT,
+    STEP_TYPES,
+    ContextConfig,
+    ContextLVPNet,
+    coding_params,
+    context_features,
+    gather_context,
+    latent_cells,
+    level_schedule,
+    step_targets,
+)
+from lvpnet.model.intnet import IntConv, quantise_conv
+from lvpnet.model.plane_coding import ExecutionOptions, check_range, normalised_padded, padded_shape
+
+FEATURE_BITS = 4  # network inputs are integers in 1/16 units
+HIDDEN_BITS = 8
+OUT_BITS = 8
+WEIGHT_BITS = 12
+Z_WEIGHT_BITS = 24
+Z_LIMIT = 2**20
+
+
+class ExactContext:
+    """Integer layers: steps.{D,H,V}.fc{1,2,3} and (with a latent) latent.conv{1,2}."""
+
+    def __init__(self, layers: dict[str, IntConv], config: ContextConfig) -> None:
+        self.layers, self.config = layers, config
+
+    def _net(self, step: str, x: torch.Tensor, compute: str) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.layers[f"steps.{step}.fc1"](x, compute)
+        h = self.layers[f"steps.{step}.fc2"](h, compute)
+        out = self.layers[f"steps.{step}.fc3"](h, compute).to(torch.int64)
+        return out[:, 0], out[:, 1]
+
+    def latent_map(self, z: np.ndarray, compute: str, device: str) -> torch.Tensor:
+        x = torch.from_numpy(np.clip(z, -Z_LIMIT, Z_LIMIT).astype(np.float64)).to(device)
+        h = self.layers["latent.conv1"](x, compute)
+        return self.layers["latent.conv2"](h, compute).to(torch.int64)
+
+    def step(
+        self,
+        known: torch.Tensor,
+        h: int,
+        w: int,
+        s: int,
+        step: str,
+        bits: torch.Tensor,
+        latent: torch.Tensor | None,
+        compute: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        neighbours, p16, activity = gather_context(known, h, w, s, step)
+        features = context_features(neighbours, p16, activity, bits, level_index(s))
+        if latent is not None:
+            features = torch.cat([features, latent_cells(latent, h, w, s, step, self.config.latent_stride)], dim=1)
+        mean_out, scale_out = self._net(step, features.to(torch.float64), compute)
+        return coding_params(p16, activity, mean_out, scale_out, bits)
+
+
+def level_index(s: int) -> int:
+    return int(np.log2(s)) - 1
+
+
+def export_context(model: ContextLVPNet) -> ExactContext:
+    cfg = model.config
+    layers: dict[str, IntConv] = {}
+    hidden_bound = int(HIDDEN_LIMIT * 2**HIDDEN_BITS)
+    for step in STEP_TYPES:
+        net = model.steps[step]
+        layers[f"steps.{step}.fc1"] = quantise_conv(
+            net.fc1.weight,
+            net.fc1.bias,
+            in_fraction_bits=FEATURE_BITS,
+            out_fraction_bits=HIDDEN_BITS,
+            weight_bits=WEIGHT_BITS,
+            in_bound=FEATURE_LIMIT,
+            out_limit=HIDDEN_LIMIT,
+            relu=True,
+        )
+        layers[f"steps.{step}.fc2"] = quantise_conv(
+            net.fc2.weight,
+            net.fc2.bias,
+            in_fraction_bits=HIDDEN_BITS,
+            out_fraction_bits=HIDDEN_BITS,
+            weight_bits=WEIGHT_BITS,
+            in_bound=hidden_bound,
+            out_limit=HIDDEN_LIMIT,
+            relu=True,
+        )
+        layers[f"steps.{step}.fc3"] = quantise_conv(
+            net.fc3.weight,
+            net.fc3.bias,
+            in_fraction_bits=HIDDEN_BITS,
+            out_fraction_bits=OUT_BITS,
+            weight_bits=WEIGHT_BITS,
+            in_bound=hidden_bound,
+            out_limit=OUT_LIMIT,
+            relu=False,
+        )
+    if model.latent is not None:
+        layers["latent.conv1"] = quantise_conv(
+            model.latent.conv1.weight,
+            model.latent.conv1.bias,
+            in_fraction_bits=0,
+            out_fraction_bits=HIDDEN_BITS,
+            weight_bits=Z_WEIGHT_BITS,
+            in_bound=Z_LIMIT,
+            out_limit=HIDDEN_LIMIT,
+            relu=True,
+            input_scale=cfg.q_step,
+        )
+        layers["latent.conv2"] = quantise_conv(
+            model.latent.conv2.weight,
+            model.latent.conv2.bias,
+            in_fraction_bits=HIDDEN_BITS,
+            out_fraction_bits=FEATURE_BITS,
+            weight_bits=WEIGHT_BITS,
+            in_bound=hidden_bound,
+            out_limit=FEATURE_LIMIT / 16,
+            relu=False,
+        )
+    return ExactContext(layers, cfg)  # fmt: skip
+
+
+def first_sample_params(bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tile's first sample has no context: a wide distribution centred mid-range."""
+    mu16 = (1 << (bits + 3)).view(-1, 1, 1)
+    scale_index = (8 * (bits - 1) + 24).view(-1, 1, 1)
+    return mu16, scale_index
+
+
+class ContextPlaneCoder:
+    def __init__(self, encoder: ContextLVPNet | None, exact: ExactContext, coder: PixelCoder) -> None:
+        self._encoder, self._exact, self._coder = encoder, exact, coder
+        self._config = exact.config
+
+    def _latent_shape(self, h: int, w: int) -> tuple[int, int, int]:
+        stride = self._config.latent_stride
+        hp, wp = padded_shape(h, w, stride)
+        return self._config.latent_channels, hp // stride, wp // stride
+
+    def _schedule(self, h: int, w: int) -> list[tuple[int, str]]:
+        out = []
+        for s in level_schedule(h, w):
+            for step in STEP_TYPES:
+                rows, cols = step_targets(h, w, s, step)
+                if rows.start < h and cols.start < w:
+                    out.append((s, step))
+        return out
+
+    def encode(self, values: np.ndarray, bits: np.ndarray, options: ExecutionOptions) -> list[tuple[bytes, bytes]]:
+        batch, h, w = values.shape
+        latent_payloads = [b""] * batch
+        latent = None
+        if self._config.latent_channels:
+            assert self._encoder is not None
+            stride = self._config.latent_stride
+            z = self._encoder.analyse(normalised_padded(values, bits, stride)).numpy()
+            latent_payloads = [encode_latent(z[i].astype(np.int32)) for i in range(batch)]
+            latent = self._exact.latent_map(z, options.compute, options.device)
+        device = torch.device(options.device)
+        full = torch.from_numpy(values).to(device)
+        bits_t = torch.from_numpy(bits.astype(np.int64)).to(device)
+        known = torch.zeros_like(full)
+        known[:, 0, 0] = full[:, 0, 0]
+        mu16, scale_index = first_sample_params(bits_t)
+        step_values = [[full[i, :1, :1].cpu().numpy().ravel()] for i in range(batch)]
+        step_params = [[StepParams(mu16[i].cpu().numpy().ravel(), scale_index[i].cpu().numpy().ravel())]
+                       for i in range(batch)]  # fmt: skip
+        with torch.no_grad():
+            for s, step in self._schedule(h, w):
+                rows, cols = step_targets(h, w, s, step)
+                mu16, scale_index = self._exact.step(known, h, w, s, step, bits_t, latent, options.compute)
+                target = full[:, rows, cols]
+                known[:, rows, cols] = target
+                for i in range(batch):
+                    step_values[i].append(target[i].cpu().numpy().ravel())
+                    step_params[i].append(
+                        StepParams(mu16[i].cpu().numpy().ravel(), scale_index[i].cpu().numpy().ravel())
+                    )
+        return [(latent_payloads[i], self._coder.encode(step_values[i], step_params[i])) for i in range(batch)]
+
+    def decode(
+        self,
+        payloads: list[tuple[bytes, bytes]],
+        shape: tuple[int, int],
+        bits: np.ndarray,
+        options: ExecutionOptions,
+    ) -> np.ndarray:
+        h, w = shape
+        batch = len(payloads)
+        latent = None
+        if self._config.latent_channels:
+            z_shape = self._latent_shape(h, w)
+            z = np.stack([decode_latent(z_payload, z_shape) for z_payload, _ in payloads]).astype(np.int64)
+            latent = self._exact.latent_map(z, options.compute, options.device)
+        device = torch.device(options.device)
+        bits_t = torch.from_numpy(bits.astype(np.int64)).to(device)
+        decoders = [self._coder.decoder(pixels) for _, pixels in payloads]
+        known = torch.zeros((batch, h, w), dtype=torch.int64, device=device)
+        mu16, scale_index = first_sample_params(bits_t)
+        for i, decoder in enumerate(decoders):
+            params = StepParams(mu16[i].cpu().numpy().ravel(), scale_index[i].cpu().numpy().ravel())
+            known[i, 0, 0] = int(decoder.decode_step(params)[0])
+        with torch.no_grad():
+            for s, step in self._schedule(h, w):
+                rows, cols = step_targets(h, w, s, step)
+                mu16, scale_index = self._exact.step(known, h, w, s, step, bits_t, latent, options.compute)
+                nr, nc = mu16.shape[1:]
+                for i, decoder in enumerate(decoders):
+                    params = StepParams(mu16[i].cpu().numpy().ravel(), scale_index[i].cpu().numpy().ravel())
+                    decoded = decoder.decode_step(params)
+                    check_range(decoded, int(bits[i]))
+                    known[i, rows, cols] = torch.from_numpy(decoded.reshape(nr, nc)).to(device)
+        for decoder in decoders:
+            decoder.finish()
+        return known.cpu().numpy()
