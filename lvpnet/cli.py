@@ -26,7 +26,10 @@ def _target(source: Path, root: Path, out: Path, suffix: str, many: bool) -> Pat
     if not many:
         return out
     relative = source.relative_to(root) if root.is_dir() else Path(source.name)
-    return out / relative.with_suffix(relative.suffix + suffix if suffix == ".lvp" else suffix)
+    if suffix == ".lvp":
+        return out / relative.with_name(relative.name + ".lvp")  # img.png -> img.png.lvp
+    original = relative.with_suffix("")  # img.png.lvp -> img.png
+    return out / original.with_suffix(suffix)
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
