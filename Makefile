@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean dcmtk
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -17,13 +17,19 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	# The archive service lands with the ingest issue; until then this shows the codec CLI.
-	$(VENV)/bin/lvpnet --help
+	# Embedded defaults: REST 127.0.0.1:8080, DICOM 127.0.0.1:11112 (AE LVPARCHIVE), SQLite,
+	# filesystem store and staging under ./var/, background worker.  ARCHIVE_* overrides.
+	$(VENV)/bin/lvpnet-archive migrate
+	TCP_NODELAY=1 $(VENV)/bin/lvpnet-archive serve
+
+# The archive's end-to-end tests drive dcmtk's storescu; CI machines start without it.
+dcmtk:
+	@command -v storescu >/dev/null || { apt-get update -qq && apt-get install -y -qq dcmtk; }
 
 lint: install
 	$(PY) -m ruff check .
 
-test: install lint
+test: install lint dcmtk
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider
 
 clean:

@@ -1,0 +1,1 @@
+"""LVPNet Archive worker: compresses received instances in the background (imports the codec)."""

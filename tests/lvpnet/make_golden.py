@@ -1,6 +1,6 @@
 """Regenerate the golden streams (only when the format gains a version; old goldens stay forever).
 
-    .venv/bin/python -m tests.lvpnet.make_golden
+.venv/bin/python -m tests.lvpnet.make_golden
 """
 
 from __future__ import annotations

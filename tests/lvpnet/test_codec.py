@@ -38,7 +38,7 @@ def images(draw: st.DrawFn) -> tuple[np.ndarray, int, str | None]:
     return image, bits, "RGB" if rgb else draw(st.sampled_from([None, "MONOCHROME"]))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(images(), st.sampled_from([8, 16, 32, 512]), st.booleans())
 def test_round_trip_is_exact(
     seeded: ModelBundle, case: tuple[np.ndarray, int, str | None], tile: int, model_only: bool

@@ -73,9 +73,7 @@ def test_trailing_garbage(stream: tuple[np.ndarray, bytes]) -> None:
 
 
 @pytest.mark.parametrize("field,value", [("rows", 91), ("cols", 129), ("frames", 1), ("tile_size", 32)])
-def test_descriptor_inconsistent_with_payload(
-    stream: tuple[np.ndarray, bytes], field: str, value: int
-) -> None:
+def test_descriptor_inconsistent_with_payload(stream: tuple[np.ndarray, bytes], field: str, value: int) -> None:
     _, data = stream
     header = parse_header(data)
     descriptor = replace(header.descriptor, **{field: value})
@@ -139,9 +137,7 @@ def test_absurd_dimensions_refused_before_allocation(stream: tuple[np.ndarray, b
 
 @settings(max_examples=150, deadline=None)
 @given(st.data())
-def test_random_damage_never_yields_wrong_pixels(
-    stream: tuple[np.ndarray, bytes], data: st.DataObject
-) -> None:
+def test_random_damage_never_yields_wrong_pixels(stream: tuple[np.ndarray, bytes], data: st.DataObject) -> None:
     image, encoded = stream
     damaged = bytearray(encoded)
     kind = data.draw(st.sampled_from(["flip", "truncate", "splice"]))

@@ -139,9 +139,7 @@ def test_rgb_planar_1_comes_back_interleaved(name: str) -> None:
 
 
 def test_planar_1_and_planar_0_copies_agree() -> None:
-    np.testing.assert_array_equal(
-        native_pixel_array(load("color-pl.dcm")), native_pixel_array(load("color-px.dcm"))
-    )
+    np.testing.assert_array_equal(native_pixel_array(load("color-pl.dcm")), native_pixel_array(load("color-px.dcm")))
 
 
 def test_8_bit_mono() -> None:
@@ -299,9 +297,7 @@ def test_write_then_read_is_identity(case: tuple[np.ndarray, int, int, bool, boo
     array, samples, planar, big_endian, swap = case
     frames = array.shape[0] if array.ndim == (4 if samples == 3 else 3) else 1
     rows, cols = array.shape[-3:-1] if samples == 3 else array.shape[-2:]
-    data = write_native_pixel_bytes(
-        array, planar_configuration=planar, big_endian=big_endian, swap_8bit_words=swap
-    )
+    data = write_native_pixel_bytes(array, planar_configuration=planar, big_endian=big_endian, swap_8bit_words=swap)
     assert len(data) == array.size * array.dtype.itemsize
     ds = _dataset(
         "1.2.840.10008.1.2.2" if big_endian else "1.2.840.10008.1.2.1",
@@ -317,9 +313,7 @@ def test_write_then_read_is_identity(case: tuple[np.ndarray, int, int, bool, boo
     )
     if samples == 3:
         ds.PlanarConfiguration = planar
-    ds.add_new(
-        "PixelData", "OW" if swap or array.dtype.itemsize == 2 else "OB", data + b"\x00" * (len(data) % 2)
-    )
+    ds.add_new("PixelData", "OW" if swap or array.dtype.itemsize == 2 else "OB", data + b"\x00" * (len(data) % 2))
     back = native_pixel_array(ds)
     assert back is not None
     assert back.dtype == array.dtype and back.shape == array.shape
@@ -343,9 +337,7 @@ def test_write_byte_orders() -> None:
     rgb = np.array([[[1, 2, 3], [4, 5, 6]]], np.uint8)
     assert write_native_pixel_bytes(rgb) == bytes([1, 2, 3, 4, 5, 6])
     assert write_native_pixel_bytes(rgb, planar_configuration=1) == bytes([1, 4, 2, 5, 3, 6])
-    assert write_native_pixel_bytes(np.array([1, 2, 3, 4], np.uint8), swap_8bit_words=True) == bytes(
-        [2, 1, 4, 3]
-    )
+    assert write_native_pixel_bytes(np.array([1, 2, 3, 4], np.uint8), swap_8bit_words=True) == bytes([2, 1, 4, 3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,9 +405,7 @@ def test_read_image_dicom_compressed() -> None:
     np.testing.assert_array_equal(array, native_pixel_array(load("MR_small.dcm")))
 
 
-@pytest.mark.parametrize(
-    "name", ["liver_1frame.dcm", "SC_rgb_32bit.dcm", "rtplan.dcm", "SC_rgb_rle_32bit.dcm"]
-)
+@pytest.mark.parametrize("name", ["liver_1frame.dcm", "SC_rgb_32bit.dcm", "rtplan.dcm", "SC_rgb_rle_32bit.dcm"])
 def test_read_image_dicom_out_of_scope(name: str) -> None:
     with pytest.raises(UnsupportedInputError):
         read_image(data_path(name))
@@ -483,9 +473,7 @@ def test_tiff_round_trips(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "grey16.tif", grey16)
     tifffile.imwrite(tmp_path / "signed.tif", signed)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
-    tifffile.imwrite(
-        tmp_path / "planar.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate"
-    )
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
     tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
     expected: dict[str, tuple[np.ndarray, int, str]] = {
         "grey16.tif": (grey16, 1, "MONOCHROME"),

@@ -412,16 +412,12 @@ def ans_record(body: bytes) -> bytes:
         (ans_record(write_svarint(0) + b"\x00" + write_uvarint(3) + write_uvarint(0)), (1, 2, 2)),  # sum != n
         # Histogram fine, but 2**30 ANS words announced in a few bytes.
         (
-            ans_record(
-                write_svarint(0) + b"\x00" + write_uvarint(4) + write_uvarint(0) + write_uvarint(2**30)
-            ),
+            ans_record(write_svarint(0) + b"\x00" + write_uvarint(4) + write_uvarint(0) + write_uvarint(2**30)),
             (1, 2, 2),
         ),
         # ANS words ending in a zero word are invalid for constriction.
         (
-            ans_record(
-                write_svarint(0) + b"\x00" + write_uvarint(2) + write_uvarint(2) + write_uvarint(1) + bytes(4)
-            ),
+            ans_record(write_svarint(0) + b"\x00" + write_uvarint(2) + write_uvarint(2) + write_uvarint(1) + bytes(4)),
             (1, 2, 2),
         ),
     ],

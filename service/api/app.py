@@ -1,0 +1,16 @@
+"""FastAPI app factory."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from service.api.routers import dicomweb, health, instances, stats
+from service.runtime import Runtime
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    app = FastAPI(title="LVPNet Archive", version="0.1.0")
+    app.state.runtime = runtime
+    for router in (health.router, stats.router, instances.router, dicomweb.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,1 @@
+"""The SQL catalog: patients, studies, series, instances and their archival state."""

@@ -1,0 +1,191 @@
+"""SQLAlchemy 2 tables.  Kept apart from the pydantic schemas in `schemas.py`.
+
+Empty strings, not NULL, stand for absent identifying attributes (PatientID, Issuer): unique
+constraints treat NULLs as distinct on PostgreSQL, which would let one patient appear twice.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class InstanceState(StrEnum):
+    RECEIVED = "received"
+    COMPRESSING = "compressing"
+    ARCHIVED = "archived"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"  # an older version replaced under the overwrite policy
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+UID = String(64)
+SHA256_HEX = String(64)
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patient_identity"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    study_id: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    referring_physician_name: Mapped[str | None] = mapped_column(String(324))
+    # Backslash-separated, sorted, as DICOM encodes multi-valued CS
+    modalities_in_study: Mapped[str] = mapped_column(String(256), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16), index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    body_part_examined: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    """One received version of one SOP instance.  Normally version 1 only; under the overwrite
+    policy a differing re-send becomes version n+1 and the old one is kept until it archives."""
+
+    __tablename__ = "instance"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "version", name="uq_instance_version"),
+        Index("ix_instance_state_lease", "state", "lease_expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    replaces_pk: Mapped[int | None] = mapped_column(ForeignKey("instance.id"))
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    bits_allocated: Mapped[int | None] = mapped_column(Integer)
+    bits_stored: Mapped[int | None] = mapped_column(Integer)
+    samples_per_pixel: Mapped[int | None] = mapped_column(Integer)
+    photometric_interpretation: Mapped[str | None] = mapped_column(String(16))
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    source: Mapped[str] = mapped_column(String(16))  # c-store | stow | import
+    original_bytes: Mapped[int] = mapped_column(BigInteger)
+    original_sha256: Mapped[str] = mapped_column(SHA256_HEX)
+    # SHA-256 of the dataset without the file meta group: what duplicates are compared on
+    dataset_sha256: Mapped[str] = mapped_column(SHA256_HEX)
+    state: Mapped[str] = mapped_column(String(16), default=InstanceState.RECEIVED, index=True)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    staging_key: Mapped[str | None] = mapped_column(String(256))
+    object_key: Mapped[str | None] = mapped_column(String(256))
+    codec: Mapped[str | None] = mapped_column(String(32), index=True)
+    stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    # Epoch seconds: compared with the clock on every database, without timezone round trips
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    archived_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    series: Mapped[Series] = relationship()
+
+
+class AttributeConflict(Base):
+    """A later instance disagreed with what the catalog holds for its patient/study/series."""
+
+    __tablename__ = "attribute_conflict"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    level: Mapped[str] = mapped_column(String(16))  # patient | study | series
+    entity_pk: Mapped[int] = mapped_column(Integer)
+    keyword: Mapped[str] = mapped_column(String(64))
+    catalog_value: Mapped[str | None] = mapped_column(Text)
+    incoming_value: Mapped[str | None] = mapped_column(Text)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CommitmentRequest(Base):
+    """A Storage Commitment N-ACTION: answered by N-EVENT-REPORT once every item is archived."""
+
+    __tablename__ = "commitment_request"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(UID, index=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    peer_host: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | reported
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class CommitmentItem(Base):
+    __tablename__ = "commitment_item"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_pk: Mapped[int] = mapped_column(ForeignKey("commitment_request.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+
+
+class ImportedFile(Base):
+    """`import DIR` progress: a file listed here is not read again when an import is resumed."""
+
+    __tablename__ = "imported_file"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path_sha256: Mapped[str] = mapped_column(SHA256_HEX, unique=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    outcome: Mapped[str] = mapped_column(String(32))
+    imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,60 @@
+"""Settings from flags and ARCHIVE_* environment variables, with embedded defaults that need no server."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DuplicatePolicy(StrEnum):
+    KEEP_FIRST = "keep-first"
+    OVERWRITE = "overwrite"
+    REJECT = "reject"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ARCHIVE_", extra="ignore")
+
+    data_dir: Path = Path("var")
+    # Empty means "derive from data_dir": sqlite:///<data_dir>/catalog.sqlite3, file://<data_dir>/store
+    database_url: str = ""
+    storage_url: str = ""
+    # Empty: the embedded queue (workers poll the catalog).  redis://... : Celery on Redis.
+    broker_url: str = ""
+    ae_title: str = "LVPARCHIVE"
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    dicom_port: int = 11112
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
+    max_instance_bytes: int = Field(default=4 * 1024**3, ge=1024)
+    # A worker that holds an instance longer than this without renewing has died: the sweeper
+    # hands the instance to another worker.  Renewed every lease_seconds / 3 while working.
+    lease_seconds: float = Field(default=120.0, gt=0)
+    sweep_interval_seconds: float = Field(default=30.0, gt=0)
+    task_max_retries: int = 5
+    # S3 (storage_url s3://bucket/prefix)
+    s3_endpoint_url: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_region: str = "us-east-1"
+    # Embedded worker: how many compression processes `serve` runs
+    embedded_workers: int = Field(default=1, ge=0)
+    log_level: str = "INFO"
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'catalog.sqlite3').resolve()}"
+
+    def resolved_storage_url(self) -> str:
+        if self.storage_url:
+            return self.storage_url
+        return f"file://{(self.data_dir / 'store').resolve()}"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Where the SCP's chunked receive writes partial objects: on the data disk, not /tmp."""
+        return self.data_dir / "incoming"

@@ -1,0 +1,90 @@
+"""Build and run the SCP.  Several processes may share the port (SO_REUSEPORT): one Python
+process is held to one core, and receiving at line rate needs more than one."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import tempfile
+from functools import partial
+from typing import Any
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
+
+from service.config import Settings
+from service.dicom.handlers import handle_echo, handle_store
+from service.ingest import Ingestor
+from service.logs import fields
+
+LOGGER = logging.getLogger(__name__)
+MAX_PDU_BYTES = 1 << 20
+
+
+def configure_pynetdicom(settings: Settings) -> None:
+    # Large objects go to disk as they arrive, not into memory.  The temporary file lands on the
+    # data disk so that staging it is a rename, not a copy.
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    # Any SOP class, private ones included, is a storage class to us.
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    # Don't log identifiers (pynetdicom logs request datasets at debug level)
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    settings.incoming_dir.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(settings.incoming_dir.resolve())
+
+
+def build_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = MAX_PDU_BYTES
+    ae.maximum_associations = 64
+    ae.network_timeout = 120
+    ae.dimse_timeout = 120
+    ae.acse_timeout = 60
+    ae.add_supported_context(Verification)
+    return ae
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """Threaded association server (one thread per association) whose listening socket may be
+    shared by several SCP processes, and whose accepted sockets have TCP_NODELAY set."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.ae.network_timeout is not None:
+            self.socket.settimeout(self.ae.network_timeout)
+        if hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.socket.bind(self.server_address)
+        self.server_address = self.socket.getsockname()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, address
+
+
+def start_scp(settings: Settings, ingestor: Ingestor, *, block: bool = False) -> AssociationServer | None:
+    configure_pynetdicom(settings)
+    ae = build_ae(settings)
+    handlers = [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, partial(handle_store, ingestor=ingestor)),
+    ]
+    address = (settings.host, settings.dicom_port)
+    server = ae.make_server(address, evt_handlers=handlers, server_class=ReusePortServer)
+    LOGGER.info("DICOM SCP listening", extra=fields(host=settings.host, port=server.server_address[1]))
+    if block:
+        try:
+            server.serve_forever()
+        finally:
+            server.shutdown()
+        return None
+    import threading
+
+    thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # so that ae.shutdown() stops it
+    return server

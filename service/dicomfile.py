@@ -1,0 +1,264 @@
+"""Reading what a received DICOM Part 10 file says about itself, without trusting any of it.
+
+Everything the catalog needs comes from here, validated: UIDs (they end up in queries and must
+never be used as paths), the pixel data length against Rows x Columns x ..., the transfer syntax.
+Pixel values are never loaded: large values stay deferred on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.uid import UID
+
+from lvpnet.imageio import NATIVE_TRANSFER_SYNTAXES, pixel_layout
+
+# Real equipment writes UIDs with leading zeros or even hex digits: accepted, since refusing a
+# PACS's history over it helps nobody.  What is never accepted is anything that could act on a
+# path or a query: only letters, digits and single dots between non-empty components.
+UID_PATTERN = re.compile(r"^[0-9A-Za-z]+(\.[0-9A-Za-z]+)*$")
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+UNDEFINED_LENGTH = 0xFFFFFFFF
+HASH_CHUNK = 1 << 20
+
+
+class InvalidInstance(Exception):
+    """The object cannot be understood or violates a rule; `reason` is safe to log (no patient data)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UnsupportedTransferSyntax(InvalidInstance):
+    pass
+
+
+def is_valid_uid(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and UID_PATTERN.match(value) is not None
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    dataset_offset: int  # byte offset of the first dataset element
+    transfer_syntax_uid: str
+    media_storage_sop_instance_uid: str | None
+
+
+def read_file_meta(head: bytes) -> FileMeta:
+    """Parse the preamble and group 0002 by hand: we need the exact byte offset where it ends."""
+    if len(head) < 132 or head[128:132] != b"DICM":
+        raise InvalidInstance("not a DICOM Part 10 file (no DICM prefix)")
+    offset, values = 132, {}
+    while offset + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, offset)
+        if group != 0x0002:
+            break
+        vr = head[offset + 4 : offset + 6]
+        if vr in _LONG_VRS:
+            if offset + 12 > len(head):
+                raise InvalidInstance("truncated file meta information")
+            (length,) = struct.unpack_from("<I", head, offset + 8)
+            value_start = offset + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, offset + 6)
+            value_start = offset + 8
+        if length == UNDEFINED_LENGTH or value_start + length > len(head):
+            raise InvalidInstance("malformed file meta information")
+        values[element] = head[value_start : value_start + length]
+        offset = value_start + length
+    syntax = values.get(0x0010, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+    if not syntax:
+        raise InvalidInstance("file meta information has no Transfer Syntax UID")
+    media_uid = values.get(0x0003, b"").rstrip(b"\x00 ").decode("ascii", "replace") or None
+    return FileMeta(offset, syntax, media_uid)
+
+
+@dataclass(frozen=True)
+class Digests:
+    file_sha256: str
+    dataset_sha256: str  # everything after the file meta group
+    size: int
+
+
+def digest_file(path: Path, dataset_offset: int) -> Digests:
+    whole, dataset = hashlib.sha256(), hashlib.sha256()
+    position = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            whole.update(chunk)
+            if position + len(chunk) > dataset_offset:
+                dataset.update(chunk[max(0, dataset_offset - position) :])
+            position += len(chunk)
+    return Digests(whole.hexdigest(), dataset.hexdigest(), position)
+
+
+@dataclass
+class InstanceFacts:
+    """What the catalog records about one received object, validated."""
+
+    meta: FileMeta
+    digests: Digests
+    patient: dict[str, Any] = field(default_factory=dict)
+    study: dict[str, Any] = field(default_factory=dict)
+    series: dict[str, Any] = field(default_factory=dict)
+    instance: dict[str, Any] = field(default_factory=dict)
+
+
+def _text(ds: pydicom.Dataset, keyword: str, limit: int) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a value that cannot be decoded is treated as absent, never as fatal
+        return None
+    if value is None:
+        return None
+    text = str(value).strip().replace("\x00", "")
+    return text[:limit] if text else None
+
+
+def _integer(ds: pydicom.Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if -(2**31) <= number < 2**31 else None
+
+
+def _known_transfer_syntax(uid: str) -> bool:
+    syntax = UID(uid)
+    return syntax.is_transfer_syntax and (syntax in NATIVE_TRANSFER_SYNTAXES or syntax.is_encapsulated)
+
+
+def inspect_file(path: Path, *, expected_sop_instance_uid: str | None = None) -> InstanceFacts:
+    """Validate a received Part 10 file and extract the catalog attributes.
+
+    Raises InvalidInstance (reason without patient data) for malformed or truncated datasets,
+    missing or malformed UIDs, unknown transfer syntaxes and pixel data whose length does not
+    match the image description.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(64 * 1024)
+    meta = read_file_meta(head)
+    if not _known_transfer_syntax(meta.transfer_syntax_uid):
+        raise UnsupportedTransferSyntax("unknown transfer syntax")
+    try:
+        ds = _read_dataset(path)
+    except InvalidInstance:
+        raise
+    except Exception as exc:  # pydicom raises a zoo of exception types on damaged input
+        raise InvalidInstance(f"malformed dataset ({type(exc).__name__})") from exc
+
+    sop_instance_uid = _text(ds, "SOPInstanceUID", 200)
+    if sop_instance_uid is None:
+        raise InvalidInstance("missing SOP Instance UID")
+    for keyword, value in (
+        ("SOPInstanceUID", sop_instance_uid),
+        ("SOPClassUID", _text(ds, "SOPClassUID", 200)),
+        ("StudyInstanceUID", _text(ds, "StudyInstanceUID", 200)),
+        ("SeriesInstanceUID", _text(ds, "SeriesInstanceUID", 200)),
+    ):
+        if value is None:
+            raise InvalidInstance(f"missing {keyword}")
+        if not is_valid_uid(value):
+            raise InvalidInstance(f"malformed {keyword} (letters, digits, single dots; at most 64 characters)")
+    if expected_sop_instance_uid is not None and sop_instance_uid != expected_sop_instance_uid:
+        raise InvalidInstance("SOP Instance UID in the dataset differs from the request's")
+
+    _check_pixel_data(ds, meta)
+    digests = digest_file(path, meta.dataset_offset)
+    facts = InstanceFacts(meta=meta, digests=digests)
+    facts.patient = {
+        "patient_id": _text(ds, "PatientID", 64) or "",
+        "issuer_of_patient_id": _text(ds, "IssuerOfPatientID", 64) or "",
+        "patient_name": _text(ds, "PatientName", 324),
+        "patient_birth_date": _text(ds, "PatientBirthDate", 8),
+        "patient_sex": _text(ds, "PatientSex", 16),
+    }
+    facts.study = {
+        "study_instance_uid": _text(ds, "StudyInstanceUID", 64),
+        "study_date": _text(ds, "StudyDate", 8),
+        "study_time": _text(ds, "StudyTime", 16),
+        "accession_number": _text(ds, "AccessionNumber", 16),
+        "study_id": _text(ds, "StudyID", 16),
+        "study_description": _text(ds, "StudyDescription", 64),
+        "referring_physician_name": _text(ds, "ReferringPhysicianName", 324),
+    }
+    facts.series = {
+        "series_instance_uid": _text(ds, "SeriesInstanceUID", 64),
+        "modality": _text(ds, "Modality", 16),
+        "series_number": _integer(ds, "SeriesNumber"),
+        "series_description": _text(ds, "SeriesDescription", 64),
+        "body_part_examined": _text(ds, "BodyPartExamined", 16),
+    }
+    facts.instance = {
+        "sop_instance_uid": sop_instance_uid,
+        "sop_class_uid": _text(ds, "SOPClassUID", 64),
+        "instance_number": _integer(ds, "InstanceNumber"),
+        "number_of_frames": _integer(ds, "NumberOfFrames"),
+        "rows": _integer(ds, "Rows"),
+        "columns": _integer(ds, "Columns"),
+        "bits_allocated": _integer(ds, "BitsAllocated"),
+        "bits_stored": _integer(ds, "BitsStored"),
+        "samples_per_pixel": _integer(ds, "SamplesPerPixel"),
+        "photometric_interpretation": _text(ds, "PhotometricInterpretation", 16),
+        "transfer_syntax_uid": meta.transfer_syntax_uid,
+        "original_bytes": digests.size,
+        "original_sha256": digests.file_sha256,
+        "dataset_sha256": digests.dataset_sha256,
+    }
+    return facts
+
+
+def _read_dataset(path: Path) -> pydicom.Dataset:
+    # defer_size keeps pixel data on disk; every element is still walked, so a truncated
+    # dataset fails here rather than in the worker.
+    ds = pydicom.dcmread(path, defer_size=256 * 1024)
+    _walk(ds)
+    return ds
+
+
+def _walk(ds: pydicom.Dataset) -> None:
+    """Touch every element (nested sequences too), so damage anywhere raises now."""
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                _walk(item)
+
+
+def _raw_pixel_length(ds: pydicom.Dataset) -> int | None:
+    if "PixelData" not in ds:
+        return None
+    raw = ds.get_item(0x7FE00010)
+    length = getattr(raw, "length", None)
+    if length is None:  # already converted: the value is in memory
+        return len(ds.PixelData or b"")
+    return int(length)
+
+
+def _check_pixel_data(ds: pydicom.Dataset, meta: FileMeta) -> None:
+    length = _raw_pixel_length(ds)
+    if length is None:
+        return
+    if meta.transfer_syntax_uid not in NATIVE_TRANSFER_SYNTAXES:
+        return  # encapsulated: kept as received, the fragments are the sender's business
+    if length == UNDEFINED_LENGTH:
+        raise InvalidInstance("native transfer syntax with encapsulated pixel data")
+    try:
+        layout = pixel_layout(ds)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInstance(f"incomplete image pixel module ({exc})") from exc
+    expected = int(layout["expected_nbytes"])
+    # Shorter means a damaged object or a lying description (e.g. an absurd NumberOfFrames).  Longer
+    # is seen in real files (a pad byte, trailing junk): those bytes are kept as non-pixel data.
+    if length < expected:
+        raise InvalidInstance(f"pixel data holds {length} bytes where the image description needs {expected}")

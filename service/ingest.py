@@ -1,0 +1,190 @@
+"""One received object, from a file on local disk to a durable staged copy and catalog rows.
+
+Shared by the C-STORE SCP, STOW-RS and `import`.  The order is the durability rule: staged
+object durable (fsync + rename, or a completed PUT) -> catalog rows committed -> Success.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.catalog.ingest import Decision, DuplicateOutcome, add_received_instance, decide_duplicate
+from service.config import Settings
+from service.dicomfile import InstanceFacts, InvalidInstance, UnsupportedTransferSyntax, inspect_file
+from service.logs import fields
+from service.queue import Enqueue
+from service.storage.base import STAGING_PREFIX, ObjectStore
+
+LOGGER = logging.getLogger(__name__)
+
+
+STUDY_MISMATCH_REASON = "StudyInstanceUID differs from the request's"
+
+
+class IngestStatus(StrEnum):
+    STORED = "stored"
+    DUPLICATE_IDENTICAL = "duplicate-identical"
+    DUPLICATE_DISCARDED = "duplicate-discarded"
+    NEW_VERSION = "new-version"
+    DUPLICATE_REJECTED = "duplicate-rejected"
+    TOO_LARGE = "too-large"
+    INVALID = "invalid"
+    UNSUPPORTED_SYNTAX = "unsupported-transfer-syntax"
+    OUT_OF_RESOURCES = "out-of-resources"
+
+    @property
+    def accepted(self) -> bool:
+        return self in _ACCEPTED
+
+
+_ACCEPTED = {
+    IngestStatus.STORED,
+    IngestStatus.DUPLICATE_IDENTICAL,
+    IngestStatus.DUPLICATE_DISCARDED,
+    IngestStatus.NEW_VERSION,
+}
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    status: IngestStatus
+    reason: str = ""
+    instance_id: int | None = None
+    sop_instance_uid: str | None = None
+    sop_class_uid: str | None = None
+
+
+class Ingestor:
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        store: ObjectStore,
+        enqueue: Enqueue,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.store = store
+        self.enqueue = enqueue
+
+    def ingest_file(
+        self,
+        path: Path,
+        *,
+        source: str,
+        move: bool = False,
+        expected_sop_instance_uid: str | None = None,
+        expected_study_instance_uid: str | None = None,
+    ) -> IngestResult:
+        """Validate, stage and catalogue the Part 10 file at `path`.  With move=True the file may
+        be consumed (renamed into the staging area)."""
+        size = path.stat().st_size
+        if size > self.settings.max_instance_bytes:
+            return self._refuse(IngestStatus.TOO_LARGE, "object larger than the size limit", source, size)
+        try:
+            facts = inspect_file(path, expected_sop_instance_uid=expected_sop_instance_uid)
+        except UnsupportedTransferSyntax as exc:
+            return self._refuse(IngestStatus.UNSUPPORTED_SYNTAX, exc.reason, source, size)
+        except InvalidInstance as exc:
+            return self._refuse(IngestStatus.INVALID, exc.reason, source, size)
+        except OSError:
+            LOGGER.exception("cannot read received object", extra=fields(source=source))
+            return IngestResult(IngestStatus.OUT_OF_RESOURCES, "cannot read the received object")
+
+        uid = facts.instance["sop_instance_uid"]
+        sop_class = facts.instance["sop_class_uid"]
+        if expected_study_instance_uid and facts.study["study_instance_uid"] != expected_study_instance_uid:
+            return self._refuse(IngestStatus.INVALID, STUDY_MISMATCH_REASON, source, size, uid, sop_class)
+        # Two tries: a concurrent association may insert the same SOP instance between our
+        # duplicate check and our insert; the unique constraint catches it, the retry sees it.
+        # The staged copy (the received file may have been moved into it) is kept for the retry.
+        staging_key: str | None = None
+        for _attempt in range(2):
+            try:
+                with self.session_factory() as session:
+                    decision = decide_duplicate(session, facts, self.settings.duplicate_policy)
+                    if decision.outcome != DuplicateOutcome.NEW and decision.outcome != DuplicateOutcome.NEW_VERSION:
+                        self._discard_staged(staging_key)
+                        return self._duplicate(decision, facts, source, size)
+                    if staging_key is None:
+                        session.rollback()  # end the read transaction before the slow durable write
+                        staging_key = f"{STAGING_PREFIX}{uuid.uuid4().hex}.dcm"
+                        self.store.put_file(staging_key, path, move=move)
+                    instance = add_received_instance(
+                        session,
+                        facts,
+                        decision=decision,
+                        staging_key=staging_key,
+                        source=source,
+                        lease_seconds=self.settings.lease_seconds,
+                    )
+                    session.commit()
+                    instance_id = instance.id
+            except IntegrityError:
+                continue
+            except (OperationalError, OSError):
+                self._discard_staged(staging_key)
+                LOGGER.exception("catalog or staging failure", extra=fields(source=source))
+                return IngestResult(
+                    IngestStatus.OUT_OF_RESOURCES, "catalog or staging unavailable", None, uid, sop_class
+                )
+            status = (
+                IngestStatus.NEW_VERSION if decision.outcome == DuplicateOutcome.NEW_VERSION else IngestStatus.STORED
+            )
+            LOGGER.info(
+                "instance received",
+                extra=fields(instance=instance_id, source=source, bytes=size, status=str(status)),
+            )
+            self.enqueue(instance_id)
+            return IngestResult(status, "", instance_id, uid, sop_class)
+        self._discard_staged(staging_key)
+        return IngestResult(IngestStatus.OUT_OF_RESOURCES, "concurrent catalog update", None, uid, sop_class)
+
+    def _duplicate(self, decision: Decision, facts: InstanceFacts, source: str, size: int) -> IngestResult:
+        uid = facts.instance["sop_instance_uid"]
+        sop_class = facts.instance["sop_class_uid"]
+        if decision.outcome == DuplicateOutcome.REJECTED:
+            return self._refuse(
+                IngestStatus.DUPLICATE_REJECTED,
+                "SOP instance already held with different content",
+                source,
+                size,
+                uid,
+                sop_class,
+            )
+        status = (
+            IngestStatus.DUPLICATE_IDENTICAL
+            if decision.outcome == DuplicateOutcome.IDENTICAL
+            else IngestStatus.DUPLICATE_DISCARDED
+        )
+        LOGGER.info(
+            "duplicate instance", extra=fields(instance=decision.existing_pk, source=source, status=str(status))
+        )
+        return IngestResult(status, "", decision.existing_pk, uid, sop_class)
+
+    def _discard_staged(self, staging_key: str | None) -> None:
+        if staging_key is None:
+            return
+        try:
+            self.store.delete(staging_key)
+        except Exception:
+            LOGGER.warning("could not delete orphan staged object", exc_info=True)
+
+    def _refuse(
+        self,
+        status: IngestStatus,
+        reason: str,
+        source: str,
+        size: int,
+        uid: str | None = None,
+        sop_class: str | None = None,
+    ) -> IngestResult:
+        LOGGER.warning("instance refused", extra=fields(source=source, bytes=size, status=str(status), reason=reason))
+        return IngestResult(status, reason, None, uid, sop_class)

@@ -1,0 +1,36 @@
+"""The objects one service process shares: settings, catalog, store, ingestor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Settings
+from service.db import make_engine, make_session_factory
+from service.ingest import Ingestor
+from service.queue import make_enqueue
+from service.storage import ObjectStore, open_store
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    store: ObjectStore
+    ingestor: Ingestor
+
+    @classmethod
+    def create(cls, settings: Settings) -> Runtime:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.incoming_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.resolved_database_url())
+        session_factory = make_session_factory(engine)
+        store = open_store(settings.resolved_storage_url(), settings)
+        ingestor = Ingestor(settings, session_factory, store, make_enqueue(settings.broker_url))
+        return cls(settings, engine, session_factory, store, ingestor)
+
+    def close(self) -> None:
+        self.engine.dispose()
