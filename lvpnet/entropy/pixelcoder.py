@@ -53,6 +53,18 @@ class PixelCoder:
     def __init__(self, tables: LaplaceTables) -> None:
         self._probabilities = tables.probabilities()
         self._models: dict[int, constriction.stream.model.Categorical] = {}
+        # Code lengths for the encoder's parameter search only (never on the decode path).
+        self._cost = -np.log2(self._probabilities)
+
+    def estimate_bits(self, values: np.ndarray, params: StepParams) -> float:
+        """Approximate code length of one step's samples (table cost + raw low bits + escapes)."""
+        symbols = _Symbols(params)
+        x = np.asarray(values, dtype=np.int64)
+        residual = (x >> symbols.low_bits) - symbols.centre
+        symbol = np.clip(residual + HALF_WIDTH + 1, 0, ALPHABET - 1)
+        escaped = (symbol == 0) | (symbol == ALPHABET - 1)
+        escape_bits = 6 + 2 * np.log2(np.abs(residual[escaped]) - HALF_WIDTH + 1).sum() if escaped.any() else 0.0
+        return float(self._cost[symbols.table, symbol].sum() + symbols.low_bits.sum() + escape_bits)
 
     def _model(self, row: int) -> constriction.stream.model.Categorical:
         model = self._models.get(row)

@@ -7,6 +7,7 @@ import torch
 
 from lvpnet.entropy.latent import decode_latent, encode_latent
 from lvpnet.entropy.pixelcoder import PixelCoder, StepParams
+from lvpnet.errors import CorruptStreamError
 from lvpnet.model.context import (
     FEATURE_LIMIT,
     HIDDEN_LIMIT,
@@ -30,6 +31,15 @@ OUT_BITS = 8
 WEIGHT_BITS = 12
 Z_WEIGHT_BITS = 24
 Z_LIMIT = 2**20
+#: per-plane scale adaptation: one offset per step type, in 1/8 octave, stored as a byte each
+SCALE_OFFSET_MIN, SCALE_OFFSET_MAX = -8, 7
+#: per-plane scale adaptation: one offset per step type, in 1/8 octave, stored as a byte each
+SCALE_OFFSET_MIN, SCALE_OFFSET_MAX = -8, 7
+
+
+def _apply_offsets(params: list[StepParams], kinds: list[int], offsets: list[int]) -> list[StepParams]:
+    # kinds[i] is the step type of params[i]; -1 (the first sample) keeps its parameters.
+    return [p if k < 0 else StepParams(p.mu16, p.scale_index + offsets[k]) for p, k in zip(params, kinds, strict=True)]
 
 
 class ExactContext:
@@ -189,7 +199,32 @@ class ContextPlaneCoder:
                     step_params[i].append(
                         StepParams(mu16[i].cpu().numpy().ravel(), scale_index[i].cpu().numpy().ravel())
                     )
-        return [(latent_payloads[i], self._coder.encode(step_values[i], step_params[i])) for i in range(batch)]
+        kinds = [-1] + [STEP_TYPES.index(step) for _, step in self._schedule(h, w)]
+        out = []
+        for i in range(batch):
+            offsets = self._choose_scale_offsets(step_values[i], step_params[i], kinds)
+            params = _apply_offsets(step_params[i], kinds, offsets)
+            header = bytes(o - SCALE_OFFSET_MIN for o in offsets)
+            out.append((latent_payloads[i], header + self._coder.encode(step_values[i], params)))
+        return out
+
+    def _choose_scale_offsets(self, values: list[np.ndarray], params: list[StepParams], kinds: list[int]) -> list[int]:
+        """Per-plane adaptation: one scale-index offset per step type, chosen by estimated bits."""
+        offsets = []
+        for t in range(len(STEP_TYPES)):
+            members = [i for i, kind in enumerate(kinds) if kind == t]
+            if not members:
+                offsets.append(0)
+                continue
+            x = np.concatenate([values[i] for i in members])
+            mu16 = np.concatenate([params[i].mu16 for i in members])
+            scale_index = np.concatenate([params[i].scale_index for i in members])
+            costs = {
+                o: self._coder.estimate_bits(x, StepParams(mu16, scale_index + o))
+                for o in range(SCALE_OFFSET_MIN, SCALE_OFFSET_MAX + 1)
+            }
+            offsets.append(min(costs, key=lambda o: (costs[o], abs(o))))
+        return offsets
 
     def decode(
         self,
@@ -207,7 +242,14 @@ class ContextPlaneCoder:
             latent = self._exact.latent_map(z, options.compute, options.device)
         device = torch.device(options.device)
         bits_t = torch.from_numpy(bits.astype(np.int64)).to(device)
-        decoders = [self._coder.decoder(pixels) for _, pixels in payloads]
+        decoders, offsets = [], []
+        for _, pixels in payloads:
+            if len(pixels) < len(STEP_TYPES):
+                raise CorruptStreamError("context plane payload truncated")
+            offsets.append([b + SCALE_OFFSET_MIN for b in pixels[: len(STEP_TYPES)]])
+            decoders.append(self._coder.decoder(pixels[len(STEP_TYPES) :]))
+        if any(not SCALE_OFFSET_MIN <= o <= SCALE_OFFSET_MAX for plane in offsets for o in plane):
+            raise CorruptStreamError("context plane scale offset out of range")
         known = torch.zeros((batch, h, w), dtype=torch.int64, device=device)
         mu16, scale_index = first_sample_params(bits_t)
         for i, decoder in enumerate(decoders):
@@ -218,8 +260,10 @@ class ContextPlaneCoder:
                 rows, cols = step_targets(h, w, s, step)
                 mu16, scale_index = self._exact.step(known, h, w, s, step, bits_t, latent, options.compute)
                 nr, nc = mu16.shape[1:]
+                offset_slot = STEP_TYPES.index(step)
                 for i, decoder in enumerate(decoders):
-                    params = StepParams(mu16[i].cpu().numpy().ravel(), scale_index[i].cpu().numpy().ravel())
+                    shifted = scale_index[i].cpu().numpy().ravel() + offsets[i][offset_slot]
+                    params = StepParams(mu16[i].cpu().numpy().ravel(), shifted)
                     decoded = decoder.decode_step(params)
                     check_range(decoded, int(bits[i]))
                     known[i, rows, cols] = torch.from_numpy(decoded.reshape(nr, nc)).to(device)
