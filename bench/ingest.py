@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -48,6 +49,9 @@ sys.path.insert(0, str(REPO))
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# dcmtk leaves Nagle's algorithm on unless TCP_NODELAY is set in the environment: with it on, each
+# small command PDU waits for a delayed ACK (60 small files: 5.1 s instead of 0.25 s here)
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def free_port() -> int:
@@ -111,6 +115,7 @@ def send(port: int, files: list[Path], associations: int) -> float:
             ["storescu", "-R", "-aec", "LVPARCHIVE", "127.0.0.1", str(port), *map(str, share)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            env=DCMTK_ENV,
         )
         for share in shares
     ]
@@ -128,7 +133,7 @@ def storescp(work: Path, fork: bool) -> Iterator[tuple[int, Path]]:
     port = free_port()
     # 131072: the largest receive PDU storescp takes (the archive offers 1 MiB)
     command = ["storescp", "-od", str(out), "+uf", "-pdu", "131072", *(["--fork"] if fork else []), str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=DCMTK_ENV)
     try:
         wait_port(port)
         yield port, out
@@ -184,7 +189,7 @@ def archive_scp(work: Path, processes: int, database_url: str) -> Iterator[int]:
     port = free_port()
     env = archive_env(work, database_url, ARCHIVE_DICOM_PORT=str(port))
     cli = [sys.executable, "-m", "service.cli"]
-    subprocess.run([*cli, "migrate"], env=env, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*cli, "migrate"], env=env, cwd=REPO, check=True, capture_output=True)
     log_path = work / "dicom.log"
     log = log_path.open("wb")
     started = [subprocess.Popen([*cli, "dicom"], env=env, cwd=REPO, stdout=log, stderr=log) for _ in range(processes)]
@@ -393,7 +398,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "storescp writes each object to disk without fsync; the archive fsyncs each staged file and its "
-        "directory and commits the catalog rows before answering Success.",
+        "directory and commits the catalog rows before answering Success.  storescu and storescp run with "
+        "TCP_NODELAY=1 (dcmtk keeps Nagle's algorithm on otherwise); the archive sets TCP_NODELAY itself.",
         "",
         "## Background compression (whole dev corpus, embedded workers)",
         "",
@@ -429,6 +435,8 @@ def main() -> int:
     parser.add_argument("--skip-receive", action="store_true")
     parser.add_argument("--skip-compression", action="store_true")
     args = parser.parse_args()
+    # A terminated run still stops its storescp/SCP/worker processes (the context managers' finally)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if shutil.which("storescu") is None or shutil.which("storescp") is None:
         raise SystemExit("dcmtk storescu/storescp needed (make dcmtk)")
     (REPO / "var").mkdir(exist_ok=True)

@@ -93,7 +93,8 @@ def _run_http(settings: Settings, runtime: Any) -> None:
 
 
 def _start_embedded_workers(settings: Settings) -> list[subprocess.Popen[bytes]]:
-    overrides = json.dumps({k: str(v) for k, v in settings.model_dump(exclude_unset=True).items()})
+    # JSON mode: dicts (commitment_peers) and paths survive the trip
+    overrides = json.dumps(settings.model_dump(mode="json", exclude_unset=True))
     return [
         subprocess.Popen([sys.executable, "-m", "worker.embedded", "--settings-json", overrides])
         for _ in range(settings.embedded_workers)
@@ -116,6 +117,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         make_enqueue(settings.broker_url),
         settings.lease_seconds,
         settings.sweep_interval_seconds,
+        incoming_dir=settings.incoming_dir,
+        incoming_stale_seconds=settings.incoming_stale_seconds,
     )
     sweeper.start()
     # With a broker, Celery workers (`lvpnet-archive worker`) do the compression instead
@@ -126,6 +129,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     )
     try:
         _run_http(settings, runtime)
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it already handled: a normal stop
+        pass
     finally:
         sweeper.stop()
         if scp is not None:
@@ -141,13 +146,35 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _incoming_cleaner(settings: Settings, runtime: Any) -> Any:
+    """`api` and `dicom` receive into the incoming directory of their host: they clean it up (the
+    Celery workers re-enqueue stuck instances)."""
+    from service.sweeper import Sweeper
+
+    sweeper = Sweeper(
+        runtime.session_factory,
+        runtime.ingestor.enqueue,
+        settings.lease_seconds,
+        settings.sweep_interval_seconds,
+        requeue=False,
+        incoming_dir=settings.incoming_dir,
+        incoming_stale_seconds=settings.incoming_stale_seconds,
+    )
+    sweeper.start()
+    return sweeper
+
+
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     from service.runtime import Runtime
 
     runtime = Runtime.create(settings)
+    sweeper = _incoming_cleaner(settings, runtime)
     try:
         _run_http(settings, runtime)
+    except KeyboardInterrupt:
+        pass
     finally:
+        sweeper.stop()
         runtime.close()
     return 0
 
@@ -160,12 +187,14 @@ def cmd_dicom(settings: Settings, args: argparse.Namespace) -> int:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     scp = start_scp(settings, runtime.ingestor)
+    sweeper = _incoming_cleaner(settings, runtime)
     try:
         while not stopping.wait(1.0):
             pass
     except KeyboardInterrupt:
         pass
     finally:
+        sweeper.stop()
         if scp is not None:
             scp.shutdown()
         runtime.close()

@@ -15,6 +15,13 @@ class DuplicatePolicy(StrEnum):
     REJECT = "reject"
 
 
+class CompressionEffort(StrEnum):
+    # Every candidate (LVPNet, JPEG-LS, JPEG XL, zstd) at zstd level 19: the smallest verified record
+    BEST = "best"
+    # JPEG-LS and zstd level 3 only, about twenty times less CPU: for a backlog, or a test machine
+    FAST = "fast"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ARCHIVE_", extra="ignore")
 
@@ -35,6 +42,16 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=120.0, gt=0)
     sweep_interval_seconds: float = Field(default=30.0, gt=0)
     task_max_retries: int = 5
+    compression_effort: CompressionEffort = CompressionEffort.BEST
+    # Files in incoming_dir untouched this long are left over from a crash (a receive in progress
+    # writes to its file with every P-DATA fragment; an association idle for network_timeout ends)
+    incoming_stale_seconds: float = Field(default=3600.0, gt=0)
+    # Storage Commitment: calling AE title -> "host:port" of the peer that takes N-EVENT-REPORTs on
+    # a new association, e.g. ARCHIVE_COMMITMENT_PEERS='{"PACS": "10.0.0.5:104"}'
+    commitment_peers: dict[str, str] = Field(default_factory=dict)
+    # Items not archived by then are reported as failed (0x0110): the PACS keeps its copies
+    commitment_timeout_seconds: float = Field(default=3600.0, gt=0)
+    commitment_poll_seconds: float = Field(default=0.5, gt=0)
     # S3 (storage_url s3://bucket/prefix)
     s3_endpoint_url: str | None = None
     s3_access_key_id: str | None = None

@@ -19,10 +19,14 @@ from pydicom.uid import UID
 
 from lvpnet.imageio import NATIVE_TRANSFER_SYNTAXES, pixel_layout
 
-# Real equipment writes UIDs with leading zeros or even hex digits: accepted, since refusing a
-# PACS's history over it helps nobody.  What is never accepted is anything that could act on a
-# path or a query: only letters, digits and single dots between non-empty components.
-UID_PATTERN = re.compile(r"^[0-9A-Za-z]+(\.[0-9A-Za-z]+)*$")
+# Real equipment writes UIDs with leading zeros, hex digits, even words and spaces (a GDCM sample
+# has SeriesInstanceUID "REM SAMPLES 1").  A PACS admin forwarding a study expects the archive to
+# take what the PACS holds: a refusal leaves the study incomplete here and the PACS retrying an
+# instance nobody can fix.  So such UIDs are accepted and catalogued exactly as sent; nothing is
+# derived from them (object keys are content hashes and staging names are random) and queries
+# bind them as parameters.  What is still refused is anything that could act on a path or split a
+# value: only letters and digits, with single dots or single spaces between them.
+UID_PATTERN = re.compile(r"^[0-9A-Za-z]+([. ][0-9A-Za-z]+)*$")
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -134,7 +138,7 @@ def _integer(ds: pydicom.Dataset, keyword: str) -> int | None:
     return number if -(2**31) <= number < 2**31 else None
 
 
-def _known_transfer_syntax(uid: str) -> bool:
+def known_transfer_syntax(uid: str) -> bool:
     syntax = UID(uid)
     return syntax.is_transfer_syntax and (syntax in NATIVE_TRANSFER_SYNTAXES or syntax.is_encapsulated)
 
@@ -149,7 +153,7 @@ def inspect_file(path: Path, *, expected_sop_instance_uid: str | None = None) ->
     with path.open("rb") as fh:
         head = fh.read(64 * 1024)
     meta = read_file_meta(head)
-    if not _known_transfer_syntax(meta.transfer_syntax_uid):
+    if not known_transfer_syntax(meta.transfer_syntax_uid):
         raise UnsupportedTransferSyntax("unknown transfer syntax")
     try:
         ds = _read_dataset(path)
@@ -170,7 +174,7 @@ def inspect_file(path: Path, *, expected_sop_instance_uid: str | None = None) ->
         if value is None:
             raise InvalidInstance(f"missing {keyword}")
         if not is_valid_uid(value):
-            raise InvalidInstance(f"malformed {keyword} (letters, digits, single dots; at most 64 characters)")
+            raise InvalidInstance(f"malformed {keyword} (letters and digits between single dots or spaces; 64 at most)")
     if expected_sop_instance_uid is not None and sop_instance_uid != expected_sop_instance_uid:
         raise InvalidInstance("SOP Instance UID in the dataset differs from the request's")
 

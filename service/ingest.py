@@ -26,6 +26,7 @@ LOGGER = logging.getLogger(__name__)
 
 
 STUDY_MISMATCH_REASON = "StudyInstanceUID differs from the request's"
+TOO_LARGE_REASON = "object larger than the size limit"
 
 
 class IngestStatus(StrEnum):
@@ -87,7 +88,7 @@ class Ingestor:
         be consumed (renamed into the staging area)."""
         size = path.stat().st_size
         if size > self.settings.max_instance_bytes:
-            return self._refuse(IngestStatus.TOO_LARGE, "object larger than the size limit", source, size)
+            return self._refuse(IngestStatus.TOO_LARGE, TOO_LARGE_REASON, source, size)
         try:
             facts = inspect_file(path, expected_sop_instance_uid=expected_sop_instance_uid)
         except UnsupportedTransferSyntax as exc:
@@ -146,6 +147,16 @@ class Ingestor:
             return IngestResult(status, "", instance_id, uid, sop_class)
         self._discard_staged(staging_key)
         return IngestResult(IngestStatus.OUT_OF_RESOURCES, "concurrent catalog update", None, uid, sop_class)
+
+    def refuse_too_large(self, source: str, size: int, *, spooled: int) -> IngestResult:
+        """An object refused while it was arriving: `spooled` bytes reached the disk (then deleted)."""
+        LOGGER.warning(
+            "instance refused",
+            extra=fields(
+                source=source, bytes=size, spooled=spooled, status=str(IngestStatus.TOO_LARGE), reason=TOO_LARGE_REASON
+            ),
+        )
+        return IngestResult(IngestStatus.TOO_LARGE, TOO_LARGE_REASON)
 
     def _duplicate(self, decision: Decision, facts: InstanceFacts, source: str, size: int) -> IngestResult:
         uid = facts.instance["sop_instance_uid"]

@@ -96,8 +96,8 @@ def parse_record(data: bytes) -> Record:
     return Record(header["kind"], header["original_sha256"], int(header["original_bytes"]), sections, header["pixels"])
 
 
-def zstd_compress(data: bytes) -> bytes:
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(data)
+def zstd_compress(data: bytes, level: int = ZSTD_LEVEL) -> bytes:
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
 
 
 def zstd_decompress(data: bytes, limit: int) -> bytes:
@@ -116,8 +116,8 @@ def decode_bytes_section(section: Section, limit: int) -> bytes:
     raise RecordError(f"unknown byte codec {section.codec!r}")
 
 
-def smallest_bytes_section(name: str, data: bytes) -> Section:
-    compressed = zstd_compress(data)
+def smallest_bytes_section(name: str, data: bytes, level: int = ZSTD_LEVEL) -> Section:
+    compressed = zstd_compress(data, level)
     if len(compressed) < len(data):
         return Section(name, "zstd", compressed)
     return Section(name, "identity", data)

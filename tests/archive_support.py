@@ -98,6 +98,24 @@ def part10_bytes(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+def received_size(ds: Dataset) -> int:
+    """The size of the Part 10 file pynetdicom's chunked receive writes for `ds` sent in Explicit VR
+    LE: preamble, DICM, pynetdicom's own file meta group, the data set as encoded on the wire."""
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta, encode
+
+    meta = io.BytesIO()
+    write_file_meta_info(
+        meta,
+        create_file_meta(
+            sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID, transfer_syntax=ExplicitVRLittleEndian
+        ),
+    )
+    encoded = encode(ds, False, True)
+    assert encoded is not None
+    return 132 + len(meta.getvalue()) + len(encoded)
+
+
 def dataset_part(data: bytes) -> bytes:
     from service.dicomfile import read_file_meta
 

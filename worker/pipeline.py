@@ -28,9 +28,10 @@ from lvpnet.imageio import (
 )
 from service.catalog import leases
 from service.catalog.tables import Instance, InstanceState
-from service.config import Settings
+from service.config import CompressionEffort, Settings
 from service.logs import fields
 from service.record import (
+    ZSTD_LEVEL,
     Record,
     RecordError,
     Section,
@@ -45,6 +46,11 @@ from worker.pixelcodecs import PIXEL_CODECS, PixelCodec
 
 LOGGER = logging.getLogger(__name__)
 DEFAULT_CANDIDATES = ("lvpnet", "jpegls", "jxl-e7", "zstd")
+# compression effort -> (pixel candidates, zstd level for the byte sections and the zstd candidate)
+EFFORT: dict[CompressionEffort, tuple[tuple[str, ...], int]] = {
+    CompressionEffort.BEST: (DEFAULT_CANDIDATES, ZSTD_LEVEL),
+    CompressionEffort.FAST: (("jpegls", "zstd"), 3),
+}
 
 
 # ------------------------------------------------------------------------------ split / rebuild
@@ -166,7 +172,12 @@ def _verified(record: Record, original_sha256: str) -> bytes | None:
     return packed
 
 
-def build_record(data: bytes, original_sha256: str, candidates: tuple[str, ...] = DEFAULT_CANDIDATES) -> BuiltRecord:
+def build_record(
+    data: bytes,
+    original_sha256: str,
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES,
+    zstd_level: int = ZSTD_LEVEL,
+) -> BuiltRecord:
     """Compress every way allowed, keep the smallest record that decodes back to the original."""
     sizes: dict[str, int] = {}
     split = None
@@ -176,19 +187,21 @@ def build_record(data: bytes, original_sha256: str, candidates: tuple[str, ...] 
         LOGGER.warning("cannot split; compressing the whole file", exc_info=True)
     options: list[Record] = []
     if split is not None:
-        head = smallest_bytes_section("head", split.head)
-        tail = smallest_bytes_section("tail", split.tail)
+        head = smallest_bytes_section("head", split.head, zstd_level)
+        tail = smallest_bytes_section("tail", split.tail, zstd_level)
+        # The level rides in a copy of the spec: it is an encoder choice, not part of the record
+        encode_spec = {**split.spec, "zstd_level": zstd_level}
         for name in candidates:
             codec: PixelCodec = PIXEL_CODECS[name]
             try:
-                stream = codec.encode(split.pixels, split.spec)
+                stream = codec.encode(split.pixels, encode_spec)
             except Exception as exc:  # a codec that does not take this layout is simply not a candidate
                 LOGGER.info("candidate skipped", extra=fields(codec=name, error=type(exc).__name__))
                 continue
             sizes[name] = len(stream)
             sections = [head, Section("pixels", name, stream), tail]
             options.append(Record("split", original_sha256, len(data), sections, split.spec))
-    whole = Record("whole", original_sha256, len(data), [smallest_bytes_section("file", data)])
+    whole = Record("whole", original_sha256, len(data), [smallest_bytes_section("file", data, zstd_level)])
     sizes[whole.codec] = len(whole.sections[0].data)
     options.append(whole)
     options.sort(key=lambda r: sum(len(s.data) for s in r.sections))
@@ -279,8 +292,9 @@ def archive_instance(ctx: WorkerContext, instance_id: int) -> str:
             if hashlib.sha256(data).hexdigest() != original_sha256:
                 _fail(ctx, instance_id, "staged object does not match the received SHA-256")
                 return "failed"
+            candidates, zstd_level = EFFORT[ctx.settings.compression_effort]
             try:
-                built = build_record(data, original_sha256)
+                built = build_record(data, original_sha256, candidates, zstd_level)
             except RecordError as exc:
                 _fail(ctx, instance_id, str(exc))
                 return "failed"

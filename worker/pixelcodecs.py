@@ -85,7 +85,7 @@ def _classical(name: str) -> PixelCodec:
 
 def _zstd_encode(array: np.ndarray, spec: dict[str, Any]) -> bytes:
     little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(little.tobytes())
+    return zstandard.ZstdCompressor(level=spec.get("zstd_level", ZSTD_LEVEL)).compress(little.tobytes())
 
 
 def _zstd_decode(data: bytes, spec: dict[str, Any]) -> np.ndarray:

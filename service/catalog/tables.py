@@ -155,8 +155,17 @@ class AttributeConflict(Base):
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class CommitmentState(StrEnum):
+    PENDING = "pending"  # waiting for its instances, or for a delivery to succeed
+    REPORTED = "reported"  # the peer acknowledged the N-EVENT-REPORT
+    UNDELIVERABLE = "undeliverable"  # association gone and no peer configured, or delivery kept failing
+
+
 class CommitmentRequest(Base):
-    """A Storage Commitment N-ACTION: answered by N-EVENT-REPORT once every item is archived."""
+    """A Storage Commitment N-ACTION: answered by N-EVENT-REPORT once every item is archived (or
+    has failed, or the commitment timeout has passed).  Leased like instances: the SCP process that
+    took the request reports it (on the same association if still open); if that process dies,
+    another takes the request over when the lease runs out and reports on a new association."""
 
     __tablename__ = "commitment_request"
 
@@ -164,9 +173,18 @@ class CommitmentRequest(Base):
     transaction_uid: Mapped[str] = mapped_column(UID, index=True)
     calling_ae_title: Mapped[str] = mapped_column(String(16))
     peer_host: Mapped[str | None] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | reported
+    state: Mapped[str] = mapped_column(String(16), default=CommitmentState.PENDING, index=True)
     requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Epoch seconds, as for instance leases
+    deadline: Mapped[float | None] = mapped_column(Float)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    next_attempt_at: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    event_type: Mapped[int | None] = mapped_column(Integer)  # 1 all committed, 2 some failed
+    delivered_via: Mapped[str | None] = mapped_column(String(32))  # same-association | new-association
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 class CommitmentItem(Base):
@@ -176,6 +194,8 @@ class CommitmentItem(Base):
     request_pk: Mapped[int] = mapped_column(ForeignKey("commitment_request.id"), index=True)
     sop_class_uid: Mapped[str] = mapped_column(UID)
     sop_instance_uid: Mapped[str] = mapped_column(UID)
+    # As reported: None committed, else the Failure Reason (0x0110, 0x0112, 0x0119)
+    failure_reason: Mapped[int | None] = mapped_column(Integer)
 
 
 class ImportedFile(Base):

@@ -7,14 +7,22 @@ import logging
 import socket
 import tempfile
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from service.config import Settings
-from service.dicom.handlers import handle_echo, handle_store
+from service.dicom.commitment import ActivityTracker, CommitmentReporter, ExpectedReportResponses
+from service.dicom.handlers import (
+    guard_data_set_size,
+    handle_commitment_action,
+    handle_echo,
+    handle_requested,
+    handle_store,
+)
 from service.ingest import Ingestor
 from service.logs import fields
 
@@ -31,6 +39,9 @@ def configure_pynetdicom(settings: Settings) -> None:
     # Don't log identifiers (pynetdicom logs request datasets at debug level)
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
+    association_log = logging.getLogger("pynetdicom.association")
+    if not any(isinstance(f, ExpectedReportResponses) for f in association_log.filters):
+        association_log.addFilter(ExpectedReportResponses())
     settings.incoming_dir.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(settings.incoming_dir.resolve())
 
@@ -42,13 +53,19 @@ def build_ae(settings: Settings) -> AE:
     ae.network_timeout = 120
     ae.dimse_timeout = 120
     ae.acse_timeout = 60
-    ae.add_supported_context(Verification)
+    # Non-storage classes are negotiated against these lists, in this order of preference
+    syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+    ae.add_supported_context(Verification, syntaxes)
+    ae.add_supported_context(StorageCommitmentPushModel, syntaxes)
     return ae
 
 
 class ReusePortServer(ThreadedAssociationServer):
     """Threaded association server (one thread per association) whose listening socket may be
-    shared by several SCP processes, and whose accepted sockets have TCP_NODELAY set."""
+    shared by several SCP processes, and whose accepted sockets have TCP_NODELAY set.  Stopping it
+    stops the Storage Commitment reporter that runs beside it."""
+
+    reporter: CommitmentReporter | None = None
 
     def server_bind(self) -> None:
         assert self.socket is not None
@@ -65,16 +82,31 @@ class ReusePortServer(ThreadedAssociationServer):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
+    def shutdown(self) -> None:
+        if self.reporter is not None:
+            self.reporter.stop()
+        super().shutdown()
+
 
 def start_scp(settings: Settings, ingestor: Ingestor, *, block: bool = False) -> AssociationServer | None:
     configure_pynetdicom(settings)
     ae = build_ae(settings)
+    tracker = ActivityTracker()
+    reporter = CommitmentReporter(settings, ingestor.session_factory, ingestor.store, tracker)
     handlers = [
+        (evt.EVT_REQUESTED, handle_requested),
+        (evt.EVT_PDU_RECV, partial(guard_data_set_size, limit=settings.max_instance_bytes)),
+        (evt.EVT_PDU_RECV, tracker.on_pdu_received),
+        (evt.EVT_DIMSE_RECV, tracker.on_dimse_received),
+        (evt.EVT_DIMSE_SENT, tracker.on_dimse_sent),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, partial(handle_store, ingestor=ingestor)),
+        (evt.EVT_N_ACTION, partial(handle_commitment_action, reporter=reporter)),
     ]
     address = (settings.host, settings.dicom_port)
-    server = ae.make_server(address, evt_handlers=handlers, server_class=ReusePortServer)
+    server = cast(ReusePortServer, ae.make_server(address, evt_handlers=handlers, server_class=ReusePortServer))
+    server.reporter = reporter
+    reporter.start()
     LOGGER.info("DICOM SCP listening", extra=fields(host=settings.host, port=server.server_address[1]))
     if block:
         try:

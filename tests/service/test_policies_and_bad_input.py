@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from service.dicomfile import InvalidInstance, inspect_file, is_valid_uid
 from tests.archive_support import c_store, ct_dataset, part10_bytes, rebuild_from_store, start_serve, stow
 
 DUPLICATE_REJECTED = 0xC002
@@ -116,3 +117,21 @@ def _raw_bytes(ds: object) -> bytes:
     explicit = b"1.2.840.10008.1.2.1\x00"
     assert data.count(explicit) >= 1
     return data.replace(explicit, b"1.2.3.4.5.6.7.8.9.1\x00", 1)
+
+
+def test_uids_with_spaces_are_catalogued_as_sent_path_characters_are_not(tmp_path: Path) -> None:
+    """Real equipment sends UIDs such as "REM SAMPLES 1" (a GDCM sample in the dev corpus): taken
+    as sent.  Anything that could act on a path or split a value is still refused."""
+    for uid in ("REM SAMPLES 1", "072495.0449", "1.2.840.10008.5.1.4.1.1.2", "1.2.AB.3"):
+        assert is_valid_uid(uid), uid
+    for uid in ("1.2/../../etc", "..", "1..2", " 1.2", "1.2 ", "1  2", "1.2\\3", "1.2\x00", "1" * 65, ""):
+        assert not is_valid_uid(uid), uid
+    ds = ct_dataset(seed=30)
+    ds.SeriesInstanceUID = "REM SAMPLES 1"
+    path = tmp_path / "spaced.dcm"
+    path.write_bytes(part10_bytes(ds))
+    assert inspect_file(path).series["series_instance_uid"] == "REM SAMPLES 1"
+    ds.SeriesInstanceUID = "REM/SAMPLES 1"
+    path.write_bytes(part10_bytes(ds))
+    with pytest.raises(InvalidInstance, match="malformed SeriesInstanceUID"):
+        inspect_file(path)

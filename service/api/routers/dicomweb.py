@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -51,7 +52,8 @@ def _referenced_item(result: IngestResult, base_url: str) -> dict[str, Any]:
         item["00081150"] = _uid_element(result.sop_class_uid)
     if result.sop_instance_uid:
         item["00081155"] = _uid_element(result.sop_instance_uid)
-        item["00081190"] = {"vr": "UR", "Value": [f"{base_url}instances/{result.sop_instance_uid}"]}
+        # Quoted: a UID may hold spaces (accepted as sent, see service.dicomfile.UID_PATTERN)
+        item["00081190"] = {"vr": "UR", "Value": [f"{base_url}instances/{quote(result.sop_instance_uid)}"]}
     return item
 
 
@@ -129,7 +131,7 @@ async def _stow(request: Request, runtime: Any, study_uid: str | None) -> Respon
 
     body: dict[str, Any] = {}
     if study_uid:
-        body["00081190"] = {"vr": "UR", "Value": [base_url + study_uid]}
+        body["00081190"] = {"vr": "UR", "Value": [base_url + quote(study_uid)]}
     if referenced:
         body["00081199"] = {"vr": "SQ", "Value": referenced}
     if failed:
