@@ -16,24 +16,31 @@ from lvpnet.codec import CodecOptions
 from tests.lvpnet.synthetic import smooth_image
 
 GOLDEN = Path(__file__).with_name("golden")
-MODEL = "lvpnet-single-untrained-seed0"
+FAITHFUL = "lvpnet-single-untrained-seed0"
+CONTEXT = "lvpnet-ctx"
 
 
-def cases() -> dict[str, tuple[np.ndarray, dict[str, object]]]:
+def cases() -> dict[str, tuple[np.ndarray, str, dict[str, object]]]:
     rng = np.random.default_rng(2024)
     dirty = smooth_image(rng, (64, 64), "uint16", 12) | (rng.integers(0, 16, (64, 64)).astype(np.uint16) << 12)
     return {
-        "ct-int16-2frames": (smooth_image(rng, (2, 70, 90), "int16", 16), {"bits_stored": 16, "tile_size": 32}),
-        "rgb-uint8": (smooth_image(rng, (40, 50, 3), "uint8", 8), {"color": "RGB"}),
-        "dirty-high-bits-uint16": (dirty, {"bits_stored": 12}),
+        "ct-int16-2frames": (
+            smooth_image(rng, (2, 70, 90), "int16", 16),
+            FAITHFUL,
+            {"bits_stored": 16, "tile_size": 32},
+        ),
+        "rgb-uint8": (smooth_image(rng, (40, 50, 3), "uint8", 8), FAITHFUL, {"color": "RGB"}),
+        "dirty-high-bits-uint16": (dirty, FAITHFUL, {"bits_stored": 12}),
+        "ctx-uint16-12bit": (smooth_image(rng, (96, 80), "uint16", 12), CONTEXT, {"bits_stored": 12}),
+        "ctx-int16-2frames": (smooth_image(rng, (2, 72, 64), "int16", 16), CONTEXT, {"bits_stored": 16}),
     }
 
 
 def main() -> None:
     GOLDEN.mkdir(exist_ok=True)
     manifest = {}
-    for name, (image, kwargs) in cases().items():
-        data = compress(image, model=MODEL, options=CodecOptions(raw_fallback=False), **kwargs)  # type: ignore[arg-type]
+    for name, (image, model, kwargs) in cases().items():
+        data = compress(image, model=model, options=CodecOptions(raw_fallback=False), **kwargs)  # type: ignore[arg-type]
         assert np.array_equal(decompress(data), image)
         (GOLDEN / f"{name}.lvp").write_bytes(data)
         manifest[name] = {
