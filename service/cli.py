@@ -111,7 +111,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.resolved_database_url())
     runtime = Runtime.create(settings)
-    scp = start_scp(settings, runtime.ingestor)
+    runtime.retriever.start()
+    scp = start_scp(settings, runtime.ingestor, runtime.retriever)
     sweeper = Sweeper(
         runtime.session_factory,
         make_enqueue(settings.broker_url),
@@ -168,6 +169,7 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     from service.runtime import Runtime
 
     runtime = Runtime.create(settings)
+    runtime.retriever.start()
     sweeper = _incoming_cleaner(settings, runtime)
     try:
         _run_http(settings, runtime)
@@ -186,7 +188,8 @@ def cmd_dicom(settings: Settings, args: argparse.Namespace) -> int:
     runtime = Runtime.create(settings)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    scp = start_scp(settings, runtime.ingestor)
+    runtime.retriever.start()
+    scp = start_scp(settings, runtime.ingestor, runtime.retriever)
     sweeper = _incoming_cleaner(settings, runtime)
     try:
         while not stopping.wait(1.0):

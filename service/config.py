@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(default=30.0, gt=0)
     task_max_retries: int = 5
     compression_effort: CompressionEffort = CompressionEffort.BEST
+    # Comma-separated pixel codecs to try instead of the effort's list (lvpnet, jpegls, jxl-e7, zstd),
+    # e.g. "lvpnet" to measure the learned codec alone; the whole-file zstd record is always a candidate
+    codec_candidates: str = ""
     # Files in incoming_dir untouched this long are left over from a crash (a receive in progress
     # writes to its file with every P-DATA fragment; an association idle for network_timeout ends)
     incoming_stale_seconds: float = Field(default=3600.0, gt=0)
@@ -57,9 +60,29 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
     s3_region: str = "us-east-1"
+    # Retrieval: a WADO-RS request or a C-MOVE/C-GET sub-operation waits this long for a decode
+    retrieve_timeout_s: float = Field(default=60.0, gt=0)
+    # Verified rebuilt files kept in memory (LRU) by each API/SCP process
+    retrieve_cache_bytes: int = Field(default=256 * 1024**2, ge=0)
+    # Embedded mode: decode processes beside the API/SCP, and the threads each decode uses
+    retrieve_workers: int = Field(default=1, ge=1)
+    retrieve_threads: int = Field(default=2, ge=1)
+    # C-MOVE destinations: "AE=host:port,AE2=host:port"
+    dicom_peers: str = ""
     # Embedded worker: how many compression processes `serve` runs
     embedded_workers: int = Field(default=1, ge=0)
     log_level: str = "INFO"
+
+    def peers(self) -> dict[str, tuple[str, int]]:
+        """ARCHIVE_DICOM_PEERS parsed: AE title -> (host, port).  Raises ValueError when malformed."""
+        peers: dict[str, tuple[str, int]] = {}
+        for entry in filter(None, (part.strip() for part in self.dicom_peers.split(","))):
+            title, _, address = entry.partition("=")
+            host, _, port = address.rpartition(":")
+            if not title.strip() or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"ARCHIVE_DICOM_PEERS entry {entry!r} is not AE=host:port")
+            peers[title.strip()] = (host.strip("[]"), int(port))
+        return peers
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -21,6 +21,9 @@ def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=60000")
+    # LIKE case-sensitive as on PostgreSQL: C-FIND/QIDO wildcard matching is case-sensitive
+    # except for PN, which the query engine lowers on both sides
+    cursor.execute("PRAGMA case_sensitive_like=ON")
     cursor.close()
 
 

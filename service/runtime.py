@@ -11,6 +11,7 @@ from service.config import Settings
 from service.db import make_engine, make_session_factory
 from service.ingest import Ingestor
 from service.queue import make_enqueue
+from service.retrieve import Retriever, make_rebuilder
 from service.storage import ObjectStore, open_store
 
 
@@ -21,6 +22,7 @@ class Runtime:
     session_factory: sessionmaker[Session]
     store: ObjectStore
     ingestor: Ingestor
+    retriever: Retriever
 
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
@@ -30,7 +32,9 @@ class Runtime:
         session_factory = make_session_factory(engine)
         store = open_store(settings.resolved_storage_url(), settings)
         ingestor = Ingestor(settings, session_factory, store, make_enqueue(settings.broker_url))
-        return cls(settings, engine, session_factory, store, ingestor)
+        retriever = Retriever(settings, session_factory, store, lambda: make_rebuilder(settings))
+        return cls(settings, engine, session_factory, store, ingestor, retriever)
 
     def close(self) -> None:
+        self.retriever.close()
         self.engine.dispose()

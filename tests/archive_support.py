@@ -175,6 +175,7 @@ class ArchiveProcess:
 
 
 def start_serve(tmp_path: Path, database_url: str, **settings: Any) -> ArchiveProcess:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data_dir = tmp_path / "var"
     archive = ArchiveProcess(data_dir, database_url, free_port(), free_port(), {})
     env = {
@@ -257,3 +258,44 @@ def rebuild_from_store(data_dir: Path, object_key: str) -> bytes:
     from worker.pipeline import rebuild_file
 
     return rebuild_file(parse_record((data_dir / "store" / object_key).read_bytes()))
+
+
+def parse_multipart(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
+    """The parts of a multipart/related response: (headers with lower-case names, body)."""
+    content_type = response.headers["content-type"]
+    assert content_type.startswith("multipart/related"), content_type
+    boundary = next(
+        p.split("=", 1)[1].strip('"') for p in (s.strip() for s in content_type.split(";")) if p.startswith("boundary=")
+    )
+    body = response.content
+    delimiter = b"--" + boundary.encode()
+    assert body.rstrip(b"\r\n").endswith(delimiter + b"--"), "multipart body has no closing delimiter"
+    parts = []
+    for chunk in body.split(delimiter)[1:-1]:
+        chunk = chunk.removeprefix(b"\r\n").removesuffix(b"\r\n")
+        head, _, content = chunk.partition(b"\r\n\r\n")
+        headers = {}
+        for line in head.decode("ascii").split("\r\n"):
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        parts.append((headers, content))
+    return parts
+
+
+MIXED_SYNTAX_FILES = ("MR_small_bigendian.dcm", "JPEG-LL.dcm", "US1_J2KR.dcm")
+
+
+def mixed_syntax_study(study_uid: str) -> list[bytes]:
+    """pydicom's Explicit VR Big Endian, JPEG lossless and JPEG 2000 lossless test files, moved
+    into one study (written back in their own transfer syntax)."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    files = []
+    for name in MIXED_SYNTAX_FILES:
+        ds = dcmread(get_testdata_file(name))
+        ds.StudyInstanceUID = study_uid
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        files.append(buffer.getvalue())
+    return files

@@ -192,6 +192,9 @@ def build_record(
         # The level rides in a copy of the spec: it is an encoder choice, not part of the record
         encode_spec = {**split.spec, "zstd_level": zstd_level}
         for name in candidates:
+            if name not in PIXEL_CODECS:
+                LOGGER.error("unknown codec candidate ignored", extra=fields(codec=name))
+                continue
             codec: PixelCodec = PIXEL_CODECS[name]
             try:
                 stream = codec.encode(split.pixels, encode_spec)
@@ -293,6 +296,8 @@ def archive_instance(ctx: WorkerContext, instance_id: int) -> str:
                 _fail(ctx, instance_id, "staged object does not match the received SHA-256")
                 return "failed"
             candidates, zstd_level = EFFORT[ctx.settings.compression_effort]
+            if ctx.settings.codec_candidates:
+                candidates = tuple(c.strip() for c in ctx.settings.codec_candidates.split(",") if c.strip())
             try:
                 built = build_record(data, original_sha256, candidates, zstd_level)
             except RecordError as exc:

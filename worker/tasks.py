@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any
 
@@ -10,11 +11,13 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from service.config import Settings
 from service.logs import fields
 from service.queue import ARCHIVE_TASK, make_enqueue
+from service.retrieve import REBUILD_TASK
 from service.sweeper import Sweeper
 from worker import runtime
 from worker.celery_app import app
 from worker.context import process_context
 from worker.pipeline import archive_instance
+from worker.retrieval import rebuild_object
 
 LOGGER = logging.getLogger(__name__)
 _sweeper: Sweeper | None = None
@@ -51,3 +54,12 @@ def _start_sweeper(**_: Any) -> None:
 def _stop_sweeper(**_: Any) -> None:
     if _sweeper is not None:
         _sweeper.stop()
+
+
+@app.task(name=REBUILD_TASK, acks_late=True, ignore_result=False)
+def rebuild_object_task(object_key: str) -> tuple[str, str]:
+    """Rebuild an original for a retrieval waiting in the API/SCP; bytes travel base64 in the result."""
+    status, payload = rebuild_object(object_key)
+    if isinstance(payload, bytes):
+        return status, base64.b64encode(payload).decode("ascii")
+    return status, payload

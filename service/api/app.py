@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from service.api.routers import dicomweb, health, instances, stats
+from service.api.routers import dicomweb, health, instances, qido, stats, wado
 from service.runtime import Runtime
 
 
 def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(title="LVPNet Archive", version="0.1.0")
     app.state.runtime = runtime
-    for router in (health.router, stats.router, instances.router, dicomweb.router):
+    for router in (health.router, stats.router, instances.router, dicomweb.router, qido.router, wado.router):
         app.include_router(router)
     return app

@@ -33,6 +33,7 @@ class InstanceState(StrEnum):
     ARCHIVED = "archived"
     FAILED = "failed"
     SUPERSEDED = "superseded"  # an older version replaced under the overwrite policy
+    CORRUPT = "corrupt"  # its stored bytes failed verification on retrieval (or a scrub)
 
 
 class Base(DeclarativeBase):

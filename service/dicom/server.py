@@ -11,11 +11,21 @@ from typing import Any, cast
 
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from service.config import Settings
 from service.dicom.commitment import ActivityTracker, CommitmentReporter, ExpectedReportResponses
+from service.dicom.find import handle_find
 from service.dicom.handlers import (
     guard_data_set_size,
     handle_commitment_action,
@@ -23,8 +33,10 @@ from service.dicom.handlers import (
     handle_requested,
     handle_store,
 )
+from service.dicom.retrieve import handle_get, handle_move
 from service.ingest import Ingestor
 from service.logs import fields
+from service.retrieve import Retriever
 
 LOGGER = logging.getLogger(__name__)
 MAX_PDU_BYTES = 1 << 20
@@ -57,6 +69,15 @@ def build_ae(settings: Settings) -> AE:
     syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
     ae.add_supported_context(Verification, syntaxes)
     ae.add_supported_context(StorageCommitmentPushModel, syntaxes)
+    for model in (
+        PatientRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelFind,
+        PatientRootQueryRetrieveInformationModelMove,
+        StudyRootQueryRetrieveInformationModelMove,
+        PatientRootQueryRetrieveInformationModelGet,
+        StudyRootQueryRetrieveInformationModelGet,
+    ):
+        ae.add_supported_context(model, syntaxes)
     return ae
 
 
@@ -88,7 +109,9 @@ class ReusePortServer(ThreadedAssociationServer):
         super().shutdown()
 
 
-def start_scp(settings: Settings, ingestor: Ingestor, *, block: bool = False) -> AssociationServer | None:
+def start_scp(
+    settings: Settings, ingestor: Ingestor, retriever: Retriever, *, block: bool = False
+) -> AssociationServer | None:
     configure_pynetdicom(settings)
     ae = build_ae(settings)
     tracker = ActivityTracker()
@@ -101,6 +124,14 @@ def start_scp(settings: Settings, ingestor: Ingestor, *, block: bool = False) ->
         (evt.EVT_DIMSE_SENT, tracker.on_dimse_sent),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, partial(handle_store, ingestor=ingestor)),
+        (evt.EVT_C_FIND, partial(handle_find, session_factory=ingestor.session_factory)),
+        (
+            evt.EVT_C_MOVE,
+            partial(
+                handle_move, retriever=retriever, session_factory=ingestor.session_factory, peers=settings.peers()
+            ),
+        ),
+        (evt.EVT_C_GET, partial(handle_get, retriever=retriever, session_factory=ingestor.session_factory)),
         (evt.EVT_N_ACTION, partial(handle_commitment_action, reporter=reporter)),
     ]
     address = (settings.host, settings.dicom_port)

@@ -1,0 +1,22 @@
+"""Prometheus metrics of this process (exposed at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+RETRIEVE_SECONDS = Histogram(
+    "archive_retrieve_seconds",
+    "Time to obtain a verified original file for retrieval, by where it came from",
+    ["source"],  # cache | staging | archive
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+VERIFICATION_FAILURES = Counter(
+    "archive_verification_failures_total",
+    "Stored bytes that did not give the original back (instance marked corrupt)",
+    ["stage"],  # retrieve | scrub
+)
+RETRIEVALS = Counter(
+    "archive_retrievals_total",
+    "Instances sent, by interface and outcome",
+    ["interface", "outcome"],  # wado | c-move | c-get ; ok | corrupt | timeout | unavailable | not-acceptable
+)
