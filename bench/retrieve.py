@@ -17,6 +17,7 @@ Writes bench/retrieve.md and bench/retrieve.json.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -83,6 +84,15 @@ def pick_images(corpus: Path, count: int) -> list[pydicom.Dataset]:
             datasets.append(ds)
             if len(datasets) == count:
                 break
+    # Fewer distinct images than asked: repeat them as further instances (new UIDs, so each is
+    # its own file, record and cache entry)
+    distinct = list(datasets)
+    while distinct and len(datasets) < count:
+        copy = pydicom.dcmread(io.BytesIO(part10_bytes(distinct[len(datasets) % len(distinct)])))
+        copy.SOPInstanceUID = pydicom.uid.generate_uid()
+        copy.file_meta.MediaStorageSOPInstanceUID = copy.SOPInstanceUID
+        copy.InstanceNumber = len(datasets) + 1
+        datasets.append(copy)
     return datasets
 
 
@@ -226,7 +236,8 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, instan
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only, "
         f"python {platform.python_version()}; decode worker: 1 process x 2 threads (ARCHIVE_RETRIEVE_*)",
         "",
-        f"{instances} single-frame 512x512 16-bit CT/MR instances of the dev corpus (Explicit VR LE), one study. "
+        f"{instances} single-frame 512x512 16-bit CT/MR instances (the distinct such images of the dev corpus, "
+        "repeated under new UIDs up to that count; Explicit VR LE), one study. "
         "Latency = one WADO-RS instance GET (`transfer-syntax=*`, original bytes, SHA-256 checked by the "
         "archive), measured by the client, sequential requests.",
         "",

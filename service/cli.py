@@ -211,7 +211,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         return embedded.main(["--settings-json", json.dumps(_overrides(args), default=str)])
     from worker.celery_app import app
 
-    argv = ["worker", "--loglevel", settings.log_level, "--without-gossip", "--without-mingle"]
+    argv = ["worker", "--loglevel", settings.log_level, "--without-gossip", "--without-mingle", "--queues", args.queues]
     if args.concurrency > 1:
         argv += ["--pool", "prefork", "--concurrency", str(args.concurrency)]
     else:
@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--quiet", action="store_true")
         if name == "worker":
             command.add_argument("--concurrency", type=int, default=1)
+            # A solo worker runs one task at a time: a fleet keeps some workers on `retrieve` only,
+            # so that a retrieval never waits behind a long compression
+            command.add_argument("--queues", default="archive,retrieve", help="Celery queues to consume")
     return parser
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import metrics
 from service.catalog.ingest import Decision, DuplicateOutcome, add_received_instance, decide_duplicate
 from service.config import Settings
 from service.dicomfile import InstanceFacts, InvalidInstance, UnsupportedTransferSyntax, inspect_file
@@ -87,6 +88,29 @@ class Ingestor:
         """Validate, stage and catalogue the Part 10 file at `path`.  With move=True the file may
         be consumed (renamed into the staging area)."""
         size = path.stat().st_size
+        result = self._ingest_file(
+            path,
+            size,
+            source=source,
+            move=move,
+            expected_sop_instance_uid=expected_sop_instance_uid,
+            expected_study_instance_uid=expected_study_instance_uid,
+        )
+        metrics.INGESTED.labels(source=source, status=str(result.status)).inc()
+        if result.status.accepted:
+            metrics.INGESTED_BYTES.labels(source=source).inc(size)
+        return result
+
+    def _ingest_file(
+        self,
+        path: Path,
+        size: int,
+        *,
+        source: str,
+        move: bool,
+        expected_sop_instance_uid: str | None,
+        expected_study_instance_uid: str | None,
+    ) -> IngestResult:
         if size > self.settings.max_instance_bytes:
             return self._refuse(IngestStatus.TOO_LARGE, TOO_LARGE_REASON, source, size)
         try:

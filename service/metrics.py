@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+INGESTED = Counter(
+    "archive_ingested_total",
+    "Objects received (C-STORE, STOW-RS, import), by source and outcome",
+    ["source", "status"],
+)
+INGESTED_BYTES = Counter("archive_ingested_bytes_total", "Bytes of accepted objects", ["source"])
 RETRIEVE_SECONDS = Histogram(
     "archive_retrieve_seconds",
     "Time to obtain a verified original file for retrieval, by where it came from",

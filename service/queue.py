@@ -38,7 +38,7 @@ def make_enqueue(broker_url: str) -> Enqueue:
 
     def enqueue(instance_id: int) -> None:
         try:
-            client.send_task(ARCHIVE_TASK, args=[instance_id])
+            client.send_task(ARCHIVE_TASK, args=[instance_id], queue="archive")
         except Exception:
             # The instance is durable and catalogued; the sweeper re-sends when its lease expires.
             LOGGER.warning("enqueue failed", extra=fields(instance=instance_id), exc_info=True)

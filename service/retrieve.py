@@ -253,7 +253,7 @@ class CeleryRebuilder:
 
     def rebuild(self, object_key: str, timeout: float) -> bytes:
         try:
-            result = self._app.send_task(REBUILD_TASK, args=[object_key])
+            result = self._app.send_task(REBUILD_TASK, args=[object_key], queue="retrieve")
         except Exception as exc:
             raise RetrieveUnavailable(f"broker unreachable ({type(exc).__name__})") from exc
         try:

@@ -17,6 +17,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,  # compression is long: don't hoard messages
         task_ignore_result=True,
         result_expires=600,
+        task_default_queue="archive",
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         # Redis redelivers unacked messages only after this; the catalog lease (much shorter)

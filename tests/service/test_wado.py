@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -301,6 +302,9 @@ def test_corrupt_object_is_never_served(tmp_path: Path) -> None:
                 assert bad.status_code == 500 and "corrupt" in bad.json()["error"]
                 assert not bad.content.startswith(b"--")
             assert process.instance(ds.SOPInstanceUID)[0]["state"] == "corrupt"
+            metrics = httpx.get(f"{process.http}/metrics", timeout=30).text
+            assert 'archive_verification_failures_total{stage="retrieve"} 1.0' in metrics
+            assert 'archive_instances{state="corrupt"} 1.0' in metrics
             log = process.log()
             assert "retrieval verification failed" in log
             assert "Doe^Jane" not in log and "TEST-PATIENT" not in log
@@ -331,3 +335,14 @@ def test_staged_instances_are_served_and_decode_timeout_is_503(tmp_path: Path) -
             assert response.status_code == 503 and response.headers["retry-after"]
         finally:
             process.stop()
+
+
+def test_health_readiness_and_metrics(archive: Archive) -> None:
+    assert httpx.get(f"{archive.http}/healthz").json() == {"status": "alive"}
+    ready = httpx.get(f"{archive.http}/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "object_store": "ok"}
+    text = httpx.get(f"{archive.http}/metrics", timeout=30).text
+    archived = re.search(r'^archive_instances\{state="archived"\} ([0-9.]+)$', text, re.MULTILINE)
+    assert archived is not None and float(archived.group(1)) >= len(archive.originals)
+    assert 'archive_ingested_total{source="stow",status="stored"}' in text
+    assert 'archive_retrieve_seconds_count{source="archive"}' in text
