@@ -130,6 +130,11 @@ class Instance(Base):
     object_key: Mapped[str | None] = mapped_column(String(256))
     codec: Mapped[str | None] = mapped_column(String(32), index=True)
     stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # The smallest record a classical codec alone (JPEG-LS, JPEG XL, zstd) gave: what the learned
+    # codec's own contribution is measured against
+    classical_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # Who sent it: the calling AE title (C-STORE) or the API key name (STOW)
+    calling_ae: Mapped[str | None] = mapped_column(String(64), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     # Epoch seconds: compared with the clock on every database, without timezone round trips
@@ -210,3 +215,77 @@ class ImportedFile(Base):
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
     outcome: Mapped[str] = mapped_column(String(32))
     imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """A REST credential.  Only the SHA-256 of the key is stored (keys are 256-bit random, so a
+    fast hash suffices); `prefix` (the first characters) lets an admin tell keys apart."""
+
+    __tablename__ = "api_key"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # reader | uploader | admin
+    key_sha256: Mapped[str] = mapped_column(SHA256_HEX, unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AdminPassword(Base):
+    """The dashboard's admin password (scrypt), set at first start."""
+
+    __tablename__ = "admin_password"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scrypt_hash: Mapped[str] = mapped_column(String(256))
+    set_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who did what to which study, when, from where.  In the catalog, never in log lines."""
+
+    __tablename__ = "audit_event"
+    __table_args__ = (Index("ix_audit_event_at", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))  # key name, session user, AE title, "system"
+    actor_kind: Mapped[str] = mapped_column(String(16))  # api-key | session | dicom-ae | system
+    action: Mapped[str] = mapped_column(String(16), index=True)  # store | query | retrieve | delete | admin
+    interface: Mapped[str] = mapped_column(String(16))  # stow | c-store | qido | c-find | wado | c-move | ...
+    remote: Mapped[str | None] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(UID)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    outcome: Mapped[str] = mapped_column(String(16))  # ok | refused | failed
+    detail: Mapped[str | None] = mapped_column(Text)  # never patient data
+
+
+class Tombstone(Base):
+    """A deleted study, series or instance stays visible as deleted."""
+
+    __tablename__ = "tombstone"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    level: Mapped[str] = mapped_column(String(16))  # study | series | instance
+    uid: Mapped[str] = mapped_column(UID, index=True)
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str | None] = mapped_column(Text)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ScrubRun(Base):
+    """One pass of `lvpnet-archive scrub`: what it checked and found."""
+
+    __tablename__ = "scrub_run"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    mode: Mapped[str] = mapped_column(String(16))  # headers | sample | full
+    checked: Mapped[int] = mapped_column(Integer, default=0)
+    corrupt: Mapped[int] = mapped_column(Integer, default=0)
+    detail: Mapped[str | None] = mapped_column(Text)

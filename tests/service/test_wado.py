@@ -266,6 +266,9 @@ def test_viewer_flow_stow_then_wado(archive: Archive) -> None:
     files = [part10_bytes(ds) for ds in datasets]
     assert stow(archive.http, files, study=study).status_code == 200
     client = DICOMwebClient(f"{archive.http}/dicomweb")
+    found = client.search_for_instances(study, series, fields=["Rows", "Columns"])
+    assert sorted(item["00080018"]["Value"][0] for item in found) == sorted(ds.SOPInstanceUID for ds in datasets)
+    assert all(item["00280010"]["Value"] == [64] for item in found)
     metadata = client.retrieve_series_metadata(study, series)
     assert len(metadata) == 3
     for item in metadata:
