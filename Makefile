@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean dcmtk
+.PHONY: install run test lint bench clean dcmtk browser
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -26,10 +26,15 @@ run: install
 dcmtk:
 	@command -v storescu >/dev/null || { apt-get update -qq && apt-get install -y -qq dcmtk; }
 
+# The dashboard test drives a real headless Chromium
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
+
 lint: install
 	$(PY) -m ruff check .
 
-test: install lint dcmtk
+test: install lint dcmtk browser
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider
 
 clean:

@@ -1,5 +1,5 @@
 """`lvpnet-archive`: serve (everything in one, embedded defaults), api, dicom, worker, migrate,
-import, stats."""
+import, stats, keys, scrub, rebuild-catalog."""
 
 from __future__ import annotations
 
@@ -85,11 +85,27 @@ def _run_http(settings: Settings, runtime: Any) -> None:
     import uvicorn
 
     from service.api.app import create_app
+    from service.security import ensure_admin_password
 
+    with runtime.session_factory() as session:
+        generated = ensure_admin_password(session, settings.admin_password, settings.data_dir)
+    if generated is not None:
+        LOGGER.warning("dashboard admin password generated", extra=fields(file=str(generated)))
+    tls = {}
+    if settings.http_tls_cert and settings.http_tls_key:
+        tls = {"ssl_certfile": str(settings.http_tls_cert), "ssl_keyfile": str(settings.http_tls_key)}
     config = uvicorn.Config(
-        create_app(runtime), host=settings.host, port=settings.http_port, log_config=None, access_log=False
+        create_app(runtime), host=settings.host, port=settings.http_port, log_config=None, access_log=False, **tls
     )
     uvicorn.Server(config).run()
+
+
+def _refuse_exposure(settings: Settings) -> None:
+    problems = settings.exposure_problems()
+    if problems:
+        for problem in problems:
+            print(f"refusing to start: {problem}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _start_embedded_workers(settings: Settings) -> list[subprocess.Popen[bytes]]:
@@ -108,6 +124,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from service.runtime import Runtime
     from service.sweeper import Sweeper
 
+    _refuse_exposure(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.resolved_database_url())
     runtime = Runtime.create(settings)
@@ -168,6 +185,7 @@ def _incoming_cleaner(settings: Settings, runtime: Any) -> Any:
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     from service.runtime import Runtime
 
+    _refuse_exposure(settings)
     runtime = Runtime.create(settings)
     runtime.retriever.start()
     sweeper = _incoming_cleaner(settings, runtime)
@@ -185,6 +203,7 @@ def cmd_dicom(settings: Settings, args: argparse.Namespace) -> int:
     from service.dicom.server import start_scp
     from service.runtime import Runtime
 
+    _refuse_exposure(settings)
     runtime = Runtime.create(settings)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -201,6 +220,40 @@ def cmd_dicom(settings: Settings, args: argparse.Namespace) -> int:
         if scp is not None:
             scp.shutdown()
         runtime.close()
+    return 0
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    """API keys: `create --role ROLE --name NAME` prints the key once; `list`; `revoke --name NAME`."""
+    from sqlalchemy import select
+
+    from service.catalog.tables import ApiKey
+    from service.db import make_engine, make_session_factory
+    from service.security import Role, create_key, revoke_key
+
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        with make_session_factory(engine)() as session:
+            if args.action == "create":
+                if not args.name or not args.role:
+                    print("keys create needs --name and --role", file=sys.stderr)
+                    return 2
+                try:
+                    key = create_key(session, args.name, Role(args.role))
+                except ValueError as exc:
+                    print(str(exc), file=sys.stderr)
+                    return 2
+                print(key)
+            elif args.action == "revoke":
+                if not revoke_key(session, args.name or ""):
+                    print("no such active key", file=sys.stderr)
+                    return 1
+            else:
+                for row in session.scalars(select(ApiKey).order_by(ApiKey.id)):
+                    state = "revoked" if row.revoked_at else "active"
+                    print(f"{row.name}\t{row.role}\t{row.prefix}...\t{state}\tcreated {row.created_at:%Y-%m-%d}")
+    finally:
+        engine.dispose()
     return 0
 
 
@@ -258,6 +311,81 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(quiet: bool, unit: str) -> Any:
+    """A tqdm bar factory on a terminal (stderr), None otherwise."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return lambda total=None, desc=None: tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
+
+
+def cmd_scrub(settings: Settings, args: argparse.Namespace) -> int:
+    """Re-read archived objects, check them (and rebuild all or a sample); exit 1 on corruption."""
+    from service.db import make_engine, make_session_factory
+    from service.storage import open_store
+    from worker.scrub import scrub
+
+    mode = "headers" if args.headers_only else "sample" if args.sample is not None else "full"
+    if args.sample is not None and not 0.0 <= args.sample <= 1.0:
+        print("--sample takes a fraction between 0 and 1", file=sys.stderr)
+        return 2
+    engine = make_engine(settings.resolved_database_url())
+    bar = _progress(args.quiet, "instance")
+    try:
+        report = scrub(
+            make_session_factory(engine),
+            open_store(settings.resolved_storage_url(), settings),
+            mode=mode,
+            sample=args.sample if args.sample is not None else 1.0,
+            seed=args.seed,
+            progress=(lambda total: bar(total=total, desc="scrub")) if bar else None,
+        )
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(
+            f"scrub run {report.run_id} ({report.mode}): {report.checked} checked, {report.rebuilt} rebuilt, "
+            f"{report.corrupt} corrupt ({report.missing} missing), {report.errors} unreadable now, "
+            f"{report.unreferenced_objects} unreferenced objects, {report.seconds:.1f} s"
+        )
+        for finding in report.findings:
+            print(f"  corrupt: instance {finding.instance_id} [{finding.check}] {finding.reason}")
+    return report.exit_code
+
+
+def cmd_rebuild_catalog(settings: Settings, args: argparse.Namespace) -> int:
+    """Catalogue every record under objects/ and every staged file (resumable); exit 1 if any
+    could not be read."""
+    from service.db import make_engine, make_session_factory, migrate
+    from service.storage import open_store
+    from worker.rebuild_catalog import rebuild_catalog
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(settings.resolved_database_url())
+    engine = make_engine(settings.resolved_database_url())
+    bar = _progress(args.quiet, "object")
+    try:
+        report = rebuild_catalog(
+            make_session_factory(engine),
+            open_store(settings.resolved_storage_url(), settings),
+            decode=not args.no_decode,
+            progress=(lambda desc: bar(desc=desc)) if bar else None,
+        )
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    else:
+        summary = {k: v for k, v in report.to_dict().items() if k != "problems"}
+        print(" ".join(f"{k}={v}" for k, v in summary.items()))
+        for problem in report.problems:
+            print(f"  {problem['kind']}: {problem['key']}: {problem['reason']}")
+    return report.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lvpnet-archive", description="LVPNet DICOM archive")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate": (cmd_migrate, "apply catalog migrations"),
         "import": (cmd_import, "bulk-import a folder of DICOM files (resumable)"),
         "stats": (cmd_stats, "catalog figures"),
+        "keys": (cmd_keys, "API keys: create --role reader|uploader|admin --name NAME (prints it once), list, revoke"),
+        "scrub": (cmd_scrub, "re-read archived objects, check them, mark corrupt ones (exit 1 if any)"),
+        "rebuild-catalog": (cmd_rebuild_catalog, "rebuild a lost catalog from the object store (resumable)"),
     }
     for name, (handler, help_text) in commands.items():
         command = sub.add_parser(name, help=help_text)
@@ -279,6 +410,26 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "import":
             command.add_argument("directory", type=Path)
             command.add_argument("--quiet", action="store_true")
+        if name == "keys":
+            command.add_argument("action", choices=["create", "list", "revoke"])
+            command.add_argument("--name")
+            command.add_argument("--role", choices=["reader", "uploader", "admin"])
+        if name == "scrub":
+            which = command.add_mutually_exclusive_group()
+            which.add_argument("--all", action="store_true", help="rebuild every archived instance (the default)")
+            which.add_argument("--sample", type=float, metavar="FRACTION", help="rebuild a random fraction")
+            which.add_argument("--headers-only", action="store_true", help="structure and checksums only, no decode")
+            command.add_argument("--seed", type=int, default=None, help="seed of the --sample choice")
+            command.add_argument("--json", action="store_true")
+            command.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name == "rebuild-catalog":
+            command.add_argument(
+                "--no-decode",
+                action="store_true",
+                help="attributes from the non-pixel bytes only: faster, unverified, dataset SHA-256 left empty",
+            )
+            command.add_argument("--json", action="store_true")
+            command.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "worker":
             command.add_argument("--concurrency", type=int, default=1)
             # A solo worker runs one task at a time: a fleet keeps some workers on `retrieve` only,

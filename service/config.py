@@ -69,9 +69,47 @@ class Settings(BaseSettings):
     retrieve_threads: int = Field(default=2, ge=1)
     # C-MOVE destinations: "AE=host:port,AE2=host:port"
     dicom_peers: str = ""
+    # Calling AEs allowed to store (C-STORE, Storage Commitment) and to query/retrieve (C-FIND,
+    # C-MOVE, C-GET): "AE,AE@host,...", or "*".  Anyone else is rejected at association.  "*" is
+    # accepted only while the SCP listens on loopback, unless dicom_allow_any_ae says otherwise.
+    dicom_allowed_aes: str = "*"
+    dicom_qr_allowed_aes: str = "*"
+    dicom_allow_any_ae: bool = False
+    # DICOM TLS (PS3.15 B.1): certificate and key of the SCP; with a CA file, clients must present a
+    # certificate it signed (mutual TLS)
+    dicom_tls_cert: Path | None = None
+    dicom_tls_key: Path | None = None
+    dicom_tls_ca: Path | None = None
+    # HTTPS for the REST API
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
+    # REST authentication (API keys, dashboard session).  May be switched off only on loopback.
+    require_auth: bool = True
+    # The dashboard's admin password at first start; empty: one is generated into
+    # <data_dir>/initial-admin-password
+    admin_password: str = ""
+    # Signs dashboard session cookies; several API hosts must share one (default: kept in data_dir)
+    session_secret: str = ""
     # Embedded worker: how many compression processes `serve` runs
     embedded_workers: int = Field(default=1, ge=0)
     log_level: str = "INFO"
+
+    def exposure_problems(self) -> list[str]:
+        """Settings that would expose the archive beyond this machine without protection."""
+        from service.security import AllowList, is_loopback
+
+        if is_loopback(self.host):
+            return []
+        problems = []
+        if not self.require_auth:
+            problems.append("ARCHIVE_REQUIRE_AUTH=false is allowed only on a loopback address")
+        lists = (AllowList.parse(self.dicom_allowed_aes), AllowList.parse(self.dicom_qr_allowed_aes))
+        if any(a.anyone for a in lists) and not self.dicom_allow_any_ae:
+            problems.append(
+                "ARCHIVE_DICOM_ALLOWED_AES / ARCHIVE_DICOM_QR_ALLOWED_AES is '*' on a non-loopback address: "
+                "name the calling AEs, or set ARCHIVE_DICOM_ALLOW_ANY_AE=true to accept anyone"
+            )
+        return problems
 
     def peers(self) -> dict[str, tuple[str, int]]:
         """ARCHIVE_DICOM_PEERS parsed: AE title -> (host, port).  Raises ValueError when malformed."""

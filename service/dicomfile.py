@@ -114,6 +114,41 @@ class InstanceFacts:
     study: dict[str, Any] = field(default_factory=dict)
     series: dict[str, Any] = field(default_factory=dict)
     instance: dict[str, Any] = field(default_factory=dict)
+    # IOCM (PS3.17 / IHE IOCM): a Key Object Selection with a rejection title names instances
+    # to withdraw: (title code, [(study, series, sop), ...])
+    rejection: tuple[str, list[tuple[str, str, str]]] | None = None
+
+
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
+# DCM codes of the KOS document titles that reject instances (PS3.16 CID 7011)
+REJECTION_TITLES = {
+    "113001": "Rejected for Quality Reasons",
+    "113037": "Rejected for Patient Safety Reasons",
+    "113038": "Incorrect Modality Worklist Entry",
+    "113039": "Data Retention Policy Expired",
+}
+
+
+def rejection_note(ds: pydicom.Dataset) -> tuple[str, list[tuple[str, str, str]]] | None:
+    """The instances a rejection note withdraws, from its Current Requested Procedure Evidence."""
+    if str(ds.get("SOPClassUID", "")) != KEY_OBJECT_SELECTION:
+        return None
+    titles = ds.get("ConceptNameCodeSequence") or []
+    code = next((str(t.get("CodeValue", "")) for t in titles if str(t.get("CodingSchemeDesignator", "")) == "DCM"), "")
+    if code not in REJECTION_TITLES:
+        return None
+    references = []
+    for study in ds.get("CurrentRequestedProcedureEvidenceSequence") or []:
+        for series in study.get("ReferencedSeriesSequence") or []:
+            for item in series.get("ReferencedSOPSequence") or []:
+                uids = (
+                    study.get("StudyInstanceUID"),
+                    series.get("SeriesInstanceUID"),
+                    item.get("ReferencedSOPInstanceUID"),
+                )
+                if all(is_valid_uid(str(u)) for u in uids if u is not None) and all(uids):
+                    references.append(tuple(str(u) for u in uids))
+    return code, references  # type: ignore[return-value]
 
 
 def _text(ds: pydicom.Dataset, keyword: str, limit: int) -> str | None:
@@ -220,6 +255,7 @@ def inspect_file(path: Path, *, expected_sop_instance_uid: str | None = None) ->
         "original_sha256": digests.file_sha256,
         "dataset_sha256": digests.dataset_sha256,
     }
+    facts.rejection = rejection_note(ds)
     return facts
 
 

@@ -16,6 +16,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import metrics
+from service.audit import Actor, Auditor
+from service.audit import event as audit_event
 from service.catalog.ingest import Decision, DuplicateOutcome, add_received_instance, decide_duplicate
 from service.config import Settings
 from service.dicomfile import InstanceFacts, InvalidInstance, UnsupportedTransferSyntax, inspect_file
@@ -84,10 +86,13 @@ class Ingestor:
         move: bool = False,
         expected_sop_instance_uid: str | None = None,
         expected_study_instance_uid: str | None = None,
+        actor: Actor | None = None,
     ) -> IngestResult:
         """Validate, stage and catalogue the Part 10 file at `path`.  With move=True the file may
-        be consumed (renamed into the staging area)."""
+        be consumed (renamed into the staging area).  `actor` (who sent it) is audited: in the
+        catalog transaction when the instance is stored, on its own otherwise."""
         size = path.stat().st_size
+        actor = actor or Actor("system", "system")
         result = self._ingest_file(
             path,
             size,
@@ -95,10 +100,17 @@ class Ingestor:
             move=move,
             expected_sop_instance_uid=expected_sop_instance_uid,
             expected_study_instance_uid=expected_study_instance_uid,
+            actor=actor,
         )
         metrics.INGESTED.labels(source=source, status=str(result.status)).inc()
         if result.status.accepted:
             metrics.INGESTED_BYTES.labels(source=source).inc(size)
+        if result.status not in (IngestStatus.STORED, IngestStatus.NEW_VERSION):
+            outcome = "ok" if result.status.accepted else "refused"
+            detail = f"{result.status}" + (f": {result.reason}" if result.reason else "")
+            Auditor(self.session_factory).record(
+                actor, "store", source, outcome, sop=result.sop_instance_uid or None, detail=detail
+            )
         return result
 
     def _ingest_file(
@@ -110,6 +122,7 @@ class Ingestor:
         move: bool,
         expected_sop_instance_uid: str | None,
         expected_study_instance_uid: str | None,
+        actor: Actor,
     ) -> IngestResult:
         if size > self.settings.max_instance_bytes:
             return self._refuse(IngestStatus.TOO_LARGE, TOO_LARGE_REASON, source, size)
@@ -150,6 +163,18 @@ class Ingestor:
                         source=source,
                         lease_seconds=self.settings.lease_seconds,
                     )
+                    instance.calling_ae = actor.name[:64]
+                    session.add(
+                        audit_event(
+                            actor,
+                            "store",
+                            source,
+                            study=facts.study["study_instance_uid"],
+                            series=facts.series["series_instance_uid"],
+                            sop=uid,
+                            detail="new version" if decision.outcome == DuplicateOutcome.NEW_VERSION else None,
+                        )
+                    )
                     session.commit()
                     instance_id = instance.id
             except IntegrityError:
@@ -168,9 +193,36 @@ class Ingestor:
                 extra=fields(instance=instance_id, source=source, bytes=size, status=str(status)),
             )
             self.enqueue(instance_id)
+            if facts.rejection is not None:
+                self._apply_rejection(facts.rejection, actor, uid)
             return IngestResult(status, "", instance_id, uid, sop_class)
         self._discard_staged(staging_key)
         return IngestResult(IngestStatus.OUT_OF_RESOURCES, "concurrent catalog update", None, uid, sop_class)
+
+    def _apply_rejection(self, rejection: tuple[str, list[tuple[str, str, str]]], actor: Actor, note_uid: str) -> None:
+        """IOCM: withdraw the instances a rejection note names (the note itself is kept, as IOCM
+        asks, so the rejection stays on record).  Objects nothing else refers to are deleted."""
+        from service.catalog.admin import delete_entity
+        from service.dicomfile import REJECTION_TITLES
+
+        code, references = rejection
+        orphans: list[str] = []
+        for study, series, sop in references:
+            try:
+                with self.session_factory() as session:
+                    removed, keys = delete_entity(session, "instance", sop, actor.name, REJECTION_TITLES[code])
+                    if removed:
+                        detail = f"IOCM rejection note {note_uid}: {REJECTION_TITLES[code]}"
+                        session.add(
+                            audit_event(actor, "delete", "iocm", study=study, series=series, sop=sop, detail=detail)
+                        )
+                    session.commit()
+                orphans.extend(keys)
+            except Exception:
+                LOGGER.exception("IOCM rejection not applied", extra=fields(code=code))
+        for key in orphans:
+            self._discard_staged(key)
+        LOGGER.info("IOCM rejection applied", extra=fields(code=code, references=len(references)))
 
     def refuse_too_large(self, source: str, size: int, *, spooled: int) -> IngestResult:
         """An object refused while it was arriving: `spooled` bytes reached the disk (then deleted)."""

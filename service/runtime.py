@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.audit import Auditor
 from service.config import Settings
 from service.db import make_engine, make_session_factory
 from service.ingest import Ingestor
 from service.queue import make_enqueue
 from service.retrieve import Retriever, make_rebuilder
+from service.security import session_secret
 from service.storage import ObjectStore, open_store
 
 
@@ -23,6 +25,8 @@ class Runtime:
     store: ObjectStore
     ingestor: Ingestor
     retriever: Retriever
+    auditor: Auditor
+    session_secret: bytes
 
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
@@ -33,7 +37,8 @@ class Runtime:
         store = open_store(settings.resolved_storage_url(), settings)
         ingestor = Ingestor(settings, session_factory, store, make_enqueue(settings.broker_url))
         retriever = Retriever(settings, session_factory, store, lambda: make_rebuilder(settings))
-        return cls(settings, engine, session_factory, store, ingestor, retriever)
+        secret = session_secret(settings.session_secret, settings.data_dir)
+        return cls(settings, engine, session_factory, store, ingestor, retriever, Auditor(session_factory), secret)
 
     def close(self) -> None:
         self.retriever.close()

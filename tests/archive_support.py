@@ -132,17 +132,19 @@ class ArchiveProcess:
     dicom_port: int
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
+    scheme: str = "http"
+    headers: dict[str, str] = field(default_factory=dict)  # credentials, where authentication is on
     log_path: Path = field(default=Path("/dev/null"))
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{self.scheme}://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def instance(self, uid: str) -> list[dict[str, Any]]:
-        response = httpx.get(f"{self.http}/instances/{uid}", timeout=30)
+        response = httpx.get(f"{self.http}/instances/{uid}", timeout=30, headers=self.headers, verify=False)
         if response.status_code == 404:
             return []
         response.raise_for_status()
@@ -174,10 +176,10 @@ class ArchiveProcess:
                 self.process.wait()
 
 
-def start_serve(tmp_path: Path, database_url: str, **settings: Any) -> ArchiveProcess:
+def start_serve(tmp_path: Path, database_url: str, scheme: str = "http", **settings: Any) -> ArchiveProcess:
     tmp_path.mkdir(parents=True, exist_ok=True)
     data_dir = tmp_path / "var"
-    archive = ArchiveProcess(data_dir, database_url, free_port(), free_port(), {})
+    archive = ArchiveProcess(data_dir, database_url, free_port(), free_port(), {}, scheme=scheme)
     env = {
         **os.environ,
         "ARCHIVE_DATA_DIR": str(data_dir),
@@ -187,6 +189,9 @@ def start_serve(tmp_path: Path, database_url: str, **settings: Any) -> ArchivePr
         "ARCHIVE_LEASE_SECONDS": "20",
         "ARCHIVE_SWEEP_INTERVAL_SECONDS": "2",
         "TCP_NODELAY": "1",
+        # Authentication has its own tests (tests/service/test_security.py); elsewhere it is off,
+        # which the archive allows only on loopback
+        "ARCHIVE_REQUIRE_AUTH": "false",
     }
     env.update({f"ARCHIVE_{k.upper()}": str(v) for k, v in settings.items()})
     archive.env = env
@@ -200,7 +205,9 @@ def start_serve(tmp_path: Path, database_url: str, **settings: Any) -> ArchivePr
         if archive.process.poll() is not None:
             raise AssertionError(f"serve exited: {archive.log()[-4000:]}")
         try:
-            if httpx.get(f"{archive.http}/health", timeout=2).status_code == 200 and _port_open(archive.dicom_port):
+            # verify=False: only "is it up"; the HTTPS test checks the certificate itself
+            up = httpx.get(f"{archive.http}/healthz", timeout=2, verify=False).status_code == 200
+            if up and _port_open(archive.dicom_port):
                 return archive
         except httpx.HTTPError:
             pass
@@ -214,12 +221,14 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def c_store(port: int, datasets: list[Dataset], ae_title: str = "LVPARCHIVE") -> list[int]:
+def c_store(
+    port: int, datasets: list[Dataset], ae_title: str = "LVPARCHIVE", calling_ae: str = "TESTSCU"
+) -> list[int]:
     """Send over one real association with pynetdicom; returns the status of each C-STORE."""
     from pydicom.uid import ImplicitVRLittleEndian
     from pynetdicom import AE
 
-    ae = AE(ae_title="TESTSCU")
+    ae = AE(ae_title=calling_ae)
     # Explicit VR LE first, as dcmtk's storescu proposes: the archive keeps what is offered first
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets if "SOPClassUID" in ds}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])

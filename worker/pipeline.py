@@ -157,6 +157,9 @@ class BuiltRecord:
     data: bytes
     record: Record
     sizes: dict[str, int]  # candidate -> section bytes (those that encoded)
+    # The smallest record without the learned codec (what JPEG-LS / JPEG XL / zstd alone would
+    # store): the dashboard shows the learned codec's own contribution against it
+    classical_bytes: int | None = None
 
 
 def _verified(record: Record, original_sha256: str) -> bytes | None:
@@ -208,10 +211,12 @@ def build_record(
     sizes[whole.codec] = len(whole.sections[0].data)
     options.append(whole)
     options.sort(key=lambda r: sum(len(s.data) for s in r.sections))
+    classical = [r for r in options if r.codec != "lvpnet"]
+    classical_bytes = len(pack_record(classical[0])) if classical else None
     for record in options:
         packed = _verified(record, original_sha256)
         if packed is not None:
-            return BuiltRecord(packed, record, sizes)
+            return BuiltRecord(packed, record, sizes, classical_bytes)
     raise RecordError("no candidate rebuilt the original file")
 
 
@@ -350,6 +355,7 @@ def _mark_archived(ctx: WorkerContext, instance_id: int, key: str, built: BuiltR
         instance.object_key = key
         instance.codec = built.record.codec
         instance.stored_bytes = len(built.data)
+        instance.classical_bytes = built.classical_bytes
         instance.archived_at = datetime.now(UTC)
         instance.lease_owner = None
         instance.lease_expires_at = None

@@ -18,6 +18,7 @@ from pynetdicom.sop_class import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.audit import Actor, Auditor
 from service.catalog.query import InformationModel, QueryError, query_from_identifier, run_query
 from service.logs import fields
 
@@ -42,6 +43,23 @@ def _failure(status: int, comment: str) -> Dataset:
     return ds
 
 
+def _single_uid(identifier: Dataset, keyword: str) -> str | None:
+    value = str(identifier.get(keyword, "") or "")
+    return value if value and "\\" not in value and "*" not in value and len(value) <= 64 else None
+
+
+def _keys_text(identifier: Dataset) -> str:
+    """The identifier's keys and values for the audit trail (the catalog, never the log)."""
+    parts = []
+    for element in identifier:
+        try:
+            value = "" if element.VR == "SQ" else str(element.value)
+        except Exception:
+            value = "?"
+        parts.append(f"{element.keyword or element.tag}={value}"[:200])
+    return "; ".join(parts)[:1500]
+
+
 def handle_find(event: Any, session_factory: sessionmaker[Session]) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     """EVT_C_FIND: one pending response per match, each checked against C-CANCEL first.  The final
     Success is pynetdicom's once this generator ends."""
@@ -62,6 +80,13 @@ def handle_find(event: Any, session_factory: sessionmaker[Session]) -> Iterator[
         yield _failure(UNABLE_TO_PROCESS, "undecodable identifier"), None
         return
     log["query_level"] = query.level.name.lower()
+    Auditor(session_factory).record(
+        Actor.dicom(event.assoc),
+        "query",
+        "c-find",
+        study=_single_uid(event.identifier, "StudyInstanceUID"),
+        detail=f"{model} root, {query.level.name}: {_keys_text(event.identifier)}",
+    )
     pending = PENDING_UNSUPPORTED_KEYS if query.unsupported_matching else PENDING
     retrieve_ae = str(event.assoc.ae.ae_title).strip()
     matches = 0

@@ -12,10 +12,12 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from service.audit import Actor, Auditor
 from service.dicom.commitment import STORAGE_COMMITMENT_INSTANCE, CommitmentReporter
 from service.dicomfile import is_valid_uid, known_transfer_syntax
 from service.ingest import Ingestor, IngestResult, IngestStatus
 from service.logs import fields
+from service.security import AllowList
 
 LOGGER = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ CANNOT_UNDERSTAND = 0xC000
 UNSUPPORTED_TRANSFER_SYNTAX = 0xC001  # within the 0xC000-0xCFFF "cannot understand" range
 DUPLICATE_REJECTED = 0xC002
 PROCESSING_FAILURE = 0xC211
+NOT_AUTHORIZED = 0x0124  # PS3.4 Table B.2-1 "Refused: Not Authorized"
 
 STATUS_FOR = {
     IngestStatus.STORED: SUCCESS,
@@ -73,7 +76,12 @@ def preferred_transfer_syntaxes(proposed: list[UID]) -> list[UID]:
     return known
 
 
-def handle_requested(event: Any) -> None:
+def handle_requested(
+    event: Any,
+    store_allowed: AllowList | None = None,
+    qr_allowed: AllowList | None = None,
+    auditor: Auditor | None = None,
+) -> None:
     """EVT_REQUESTED, before negotiation.  pynetdicom's unrestricted storage negotiation (the only
     way to accept every storage SOP class, private ones included, and serve them all with the
     Storage service) accepts the first proposed transfer syntax of each context and ignores the
@@ -86,6 +94,64 @@ def handle_requested(event: Any) -> None:
         preferred = preferred_transfer_syntaxes(proposed)
         if preferred != proposed:
             context.transfer_syntax = preferred
+    if store_allowed is not None and qr_allowed is not None:
+        _apply_allow_lists(event, store_allowed, qr_allowed, auditor)
+
+
+# Query/retrieve information models (FIND, MOVE, GET; Patient and Study Root) and Storage Commitment
+QUERY_RETRIEVE = {
+    "1.2.840.10008.5.1.4.1.2.1.1",
+    "1.2.840.10008.5.1.4.1.2.1.2",
+    "1.2.840.10008.5.1.4.1.2.1.3",
+    "1.2.840.10008.5.1.4.1.2.2.1",
+    "1.2.840.10008.5.1.4.1.2.2.2",
+    "1.2.840.10008.5.1.4.1.2.2.3",
+}
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+VERIFICATION = "1.2.840.10008.1.1"
+# A non-storage SOP class pynetdicom knows and the archive does not support (Procedural Event
+# Logging): a context given this abstract syntax is answered "abstract syntax not supported"
+# (PS3.8 result 3).  The accept PDU names contexts by ID only, so the requestor sees its own context
+# refused.  (pynetdicom treats classes it has no name for as storage under unrestricted storage.)
+REFUSED_ABSTRACT_SYNTAX = "1.2.840.10008.1.40"
+REJECT_PERMANENT, REJECT_SERVICE_USER, REJECT_CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03
+
+
+def _calling(event: Any) -> tuple[str, str]:
+    primitive = event.assoc.requestor.primitive
+    return str(primitive.calling_ae_title).strip(), str(event.assoc.requestor.address)
+
+
+def _apply_allow_lists(event: Any, store_allowed: AllowList, qr_allowed: AllowList, auditor: Auditor | None) -> None:
+    """Reject AEs on neither list at association; refuse the contexts of the service an AE may not
+    use (storage without an SCP role, which C-GET needs, counts as storing)."""
+    title, host = _calling(event)
+    may_store, may_query = store_allowed.allows(title, host), qr_allowed.allows(title, host)
+    if not may_store and not may_query:
+        LOGGER.warning("association rejected: calling AE not allowed", extra=fields(calling_ae=title, host=host))
+        if auditor is not None:
+            auditor.record(Actor(title, "dicom-ae", host), "associate", "dicom", "refused", detail="AE not allowed")
+        event.assoc.acse.send_reject(REJECT_PERMANENT, REJECT_SERVICE_USER, REJECT_CALLING_AE_NOT_RECOGNISED)
+        event.assoc.kill()  # as pynetdicom does after its own rejections: the DUL sends the PDU first
+        return
+    primitive = event.assoc.requestor.primitive
+    receives = {  # SOP classes the requestor offers to receive (SCP role): C-GET sub-operations
+        str(item.sop_class_uid)
+        for item in (primitive.user_information or [])
+        if type(item).__name__ == "SCP_SCU_RoleSelectionNegotiation" and item.scp_role
+    }
+    for context in primitive.presentation_context_definition_list:
+        syntax = str(context.abstract_syntax)
+        if syntax == VERIFICATION:
+            continue
+        if syntax in QUERY_RETRIEVE:
+            allowed = may_query
+        elif syntax == STORAGE_COMMITMENT:
+            allowed = may_store
+        else:
+            allowed = may_store or (may_query and syntax in receives)
+        if not allowed:
+            context.abstract_syntax = REFUSED_ABSTRACT_SYNTAX
 
 
 # ------------------------------------------------------------------------------ size limit
@@ -148,9 +214,12 @@ def guard_data_set_size(event: Any, limit: int) -> None:
 # ------------------------------------------------------------------------------ C-STORE
 
 
-def handle_store(event: Any, ingestor: Ingestor) -> Dataset | int:
+def handle_store(event: Any, ingestor: Ingestor, store_allowed: AllowList | None = None) -> Dataset | int:
     """Chunked receive has already written the object (as sent, with file meta) to a temporary
     file on the data disk; ingest moves it into staging without copying."""
+    if store_allowed is not None and not store_allowed.allows(*_calling(event)):
+        # A context kept for C-GET sub-operations used to send instead
+        return NOT_AUTHORIZED
     spool = getattr(event.request, "_dataset_file", None)
     if isinstance(spool, DiscardedDataSet):
         result = ingestor.refuse_too_large("c-store", spool.received, spooled=spool.spooled)
@@ -158,7 +227,9 @@ def handle_store(event: Any, ingestor: Ingestor) -> Dataset | int:
     try:
         path = Path(event.dataset_path)
         expected = str(event.request.AffectedSOPInstanceUID or "") or None
-        result = ingestor.ingest_file(path, source="c-store", move=True, expected_sop_instance_uid=expected)
+        result = ingestor.ingest_file(
+            path, source="c-store", move=True, expected_sop_instance_uid=expected, actor=Actor.dicom(event.assoc)
+        )
     except Exception:
         LOGGER.exception("C-STORE handler failure", extra=fields(source="c-store"))
         return PROCESSING_FAILURE

@@ -21,6 +21,7 @@ from pynetdicom import build_context, evt
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import metrics
+from service.audit import Actor, Auditor
 from service.catalog.query import QueryError, matching_instances, query_from_identifier
 from service.logs import fields
 from service.retrieve import InstanceRef, RetrieveError, Retriever, refs_by_id
@@ -86,7 +87,16 @@ def dataset_for(retriever: Retriever, ref: InstanceRef, accepted: set[str]) -> D
 def _sub_operations(
     retriever: Retriever, refs: list[InstanceRef], accepted_for: Any, event: Any, interface: str
 ) -> Iterator[tuple[int, Dataset | None]]:
-    """(status, dataset) yields for pynetdicom, the next instance prepared while one is sent."""
+    """(status, dataset) yields for pynetdicom, the next instance prepared while one is sent.  Each
+    instance is audited (sent or not) as the requesting AE's retrieval."""
+    auditor = Auditor(retriever.session_factory)
+    actor = Actor.dicom(event.assoc)
+    destination = str(getattr(event, "move_destination", "") or "").strip()
+
+    def audit(ref: InstanceRef, outcome: str, detail: str) -> None:
+        what = {"study": ref.study_instance_uid, "series": ref.series_instance_uid, "sop": ref.sop_instance_uid}
+        auditor.record(actor, "retrieve", interface, outcome, detail=detail, **what)
+
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{interface}-prefetch")
 
     def prepare(ref: InstanceRef) -> Dataset:
@@ -113,9 +123,11 @@ def _sub_operations(
                 LOGGER.warning(
                     "sub-operation not sent", extra=fields(interface=interface, instance=ref.id, reason=str(problem))
                 )
+                audit(ref, "failed", str(problem)[:500])
                 yield PENDING, _unsendable(ref)
                 continue
             metrics.RETRIEVALS.labels(interface=interface, outcome="ok").inc()
+            audit(ref, "ok", (f"to {destination} " if destination else "") + str(dataset.file_meta.TransferSyntaxUID))
             yield PENDING, dataset
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

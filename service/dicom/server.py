@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import tempfile
 from functools import partial
 from typing import Any, cast
@@ -23,6 +24,7 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
+from service.audit import Auditor
 from service.config import Settings
 from service.dicom.commitment import ActivityTracker, CommitmentReporter, ExpectedReportResponses
 from service.dicom.find import handle_find
@@ -37,6 +39,7 @@ from service.dicom.retrieve import handle_get, handle_move
 from service.ingest import Ingestor
 from service.logs import fields
 from service.retrieve import Retriever
+from service.security import AllowList
 
 LOGGER = logging.getLogger(__name__)
 MAX_PDU_BYTES = 1 << 20
@@ -109,21 +112,40 @@ class ReusePortServer(ThreadedAssociationServer):
         super().shutdown()
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """DICOM TLS (PS3.15 B.1, TLS 1.2+): the SCP's certificate; with a CA, mutual TLS."""
+    if settings.dicom_tls_cert is None or settings.dicom_tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(settings.dicom_tls_cert), str(settings.dicom_tls_key))
+    if settings.dicom_tls_ca is not None:
+        context.load_verify_locations(str(settings.dicom_tls_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def start_scp(
     settings: Settings, ingestor: Ingestor, retriever: Retriever, *, block: bool = False
 ) -> AssociationServer | None:
     configure_pynetdicom(settings)
     ae = build_ae(settings)
+    store_allowed = AllowList.parse(settings.dicom_allowed_aes)
+    qr_allowed = AllowList.parse(settings.dicom_qr_allowed_aes)
+    auditor = Auditor(ingestor.session_factory)
     tracker = ActivityTracker()
     reporter = CommitmentReporter(settings, ingestor.session_factory, ingestor.store, tracker)
     handlers = [
-        (evt.EVT_REQUESTED, handle_requested),
+        (
+            evt.EVT_REQUESTED,
+            partial(handle_requested, store_allowed=store_allowed, qr_allowed=qr_allowed, auditor=auditor),
+        ),
         (evt.EVT_PDU_RECV, partial(guard_data_set_size, limit=settings.max_instance_bytes)),
         (evt.EVT_PDU_RECV, tracker.on_pdu_received),
         (evt.EVT_DIMSE_RECV, tracker.on_dimse_received),
         (evt.EVT_DIMSE_SENT, tracker.on_dimse_sent),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, partial(handle_store, ingestor=ingestor)),
+        (evt.EVT_C_STORE, partial(handle_store, ingestor=ingestor, store_allowed=store_allowed)),
         (evt.EVT_C_FIND, partial(handle_find, session_factory=ingestor.session_factory)),
         (
             evt.EVT_C_MOVE,
@@ -135,7 +157,12 @@ def start_scp(
         (evt.EVT_N_ACTION, partial(handle_commitment_action, reporter=reporter)),
     ]
     address = (settings.host, settings.dicom_port)
-    server = cast(ReusePortServer, ae.make_server(address, evt_handlers=handlers, server_class=ReusePortServer))
+    server = cast(
+        ReusePortServer,
+        ae.make_server(
+            address, evt_handlers=handlers, server_class=ReusePortServer, ssl_context=tls_context(settings)
+        ),
+    )
     server.reporter = reporter
     reporter.start()
     LOGGER.info("DICOM SCP listening", extra=fields(host=settings.host, port=server.server_address[1]))

@@ -7,18 +7,20 @@ import logging
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import RuntimeDep
+from service.api.deps import RuntimeDep, actor_of, require
 from service.api.multipart import MultipartError, MultipartRelatedParser, Part, PartTooLarge
+from service.audit import Actor
 from service.dicomfile import is_valid_uid
 from service.ingest import STUDY_MISMATCH_REASON, IngestResult, IngestStatus
 from service.logs import fields
+from service.security import Role
 
 LOGGER = logging.getLogger(__name__)
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require(Role.UPLOADER))])
 DICOM_JSON = "application/dicom+json"
 
 # PS3.18 Table 10.5.3-2 failure reasons (and PS3.4 C-STORE statuses they borrow)
@@ -119,7 +121,7 @@ async def _stow(request: Request, runtime: Any, study_uid: str | None) -> Respon
     base_url = str(request.base_url) + "dicomweb/studies/"
     try:
         for part in parts:
-            outcome = await run_in_threadpool(_ingest_part, runtime, part, study_uid)
+            outcome = await run_in_threadpool(_ingest_part, runtime, part, study_uid, actor_of(request))
             result, reason = outcome
             if reason is None:
                 referenced.append(_referenced_item(result, base_url))  # type: ignore[arg-type]
@@ -152,13 +154,15 @@ def _all_too_large(parts: list[Part], limit: int) -> bool:
     return all(part.size > limit for part in parts)
 
 
-def _ingest_part(runtime: Any, part: Part, study_uid: str | None) -> tuple[IngestResult | None, int | None]:
+def _ingest_part(
+    runtime: Any, part: Part, study_uid: str | None, actor: Actor
+) -> tuple[IngestResult | None, int | None]:
     content_type = part.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
     if content_type != "application/dicom":
         return None, 0xC000
     try:
         result: IngestResult = runtime.ingestor.ingest_file(
-            part.path, source="stow", move=True, expected_study_instance_uid=study_uid
+            part.path, source="stow", move=True, expected_study_instance_uid=study_uid, actor=actor
         )
     except Exception:
         LOGGER.exception("STOW part failed", extra=fields(source="stow"))

@@ -10,17 +10,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import text
 
-from service.api.deps import RuntimeDep, SessionDep
+from service.api.deps import PrincipalDep, RuntimeDep
 from service.catalog_metrics import register_catalog_collector
 
 LOGGER = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
-
-
-@router.get("/health")
-def health(session: SessionDep) -> dict[str, str]:
-    session.execute(text("SELECT 1"))
-    return {"status": "ok"}
 
 
 @router.get("/healthz")
@@ -63,6 +57,7 @@ def readiness(runtime: RuntimeDep) -> JSONResponse:
 
 
 @router.get("/metrics")
-def metrics(runtime: RuntimeDep) -> Response:
+def metrics(runtime: RuntimeDep, _: PrincipalDep) -> Response:
+    """Any authenticated caller (a Prometheus scraper gets a reader key)."""
     register_catalog_collector(runtime)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -1,14 +1,15 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Depends, HTTPException
 from sqlalchemy import select
 
-from service.api.deps import SessionDep
+from service.api.deps import SessionDep, require
 from service.catalog.schemas import InstanceStatus
 from service.catalog.tables import Instance
 from service.dicomfile import is_valid_uid
+from service.security import Role
 
-router = APIRouter(prefix="/instances", tags=["instances"])
+router = APIRouter(prefix="/instances", tags=["instances"], dependencies=[Depends(require(Role.ADMIN))])
 
 
 def _status(instance: Instance) -> InstanceStatus:

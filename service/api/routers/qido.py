@@ -8,18 +8,20 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydicom.dataset import Dataset
 
 from service.api.accept import accepts_json
-from service.api.deps import SessionDep
+from service.api.deps import SessionDep, actor_of, require
+from service.audit import event as audit_event
 from service.catalog.query import MORE_RESULTS_WARNING, Level, QueryError, parse_qido, scope_exists, search_page
 from service.dicomfile import is_valid_uid
 from service.logs import fields
+from service.security import Role
 
 LOGGER = logging.getLogger(__name__)
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require(Role.READER))])
 DICOM_JSON = "application/dicom+json"
 WARN_AGENT = "lvpnet-archive"
 
@@ -59,6 +61,17 @@ def _search(request: Request, session: Any, level: Level, scope: dict[str, str])
     page = search_page(session, query)
     base = str(request.base_url)
     body = [_json(ds, level, base) for ds in page.datasets]
+    session.add(
+        audit_event(
+            actor_of(request),
+            "query",
+            "qido",
+            study=scope.get("StudyInstanceUID"),
+            series=scope.get("SeriesInstanceUID"),
+            detail=f"{level.name} ?{request.url.query} -> {len(body)} results",
+        )
+    )
+    session.commit()
     response = JSONResponse(body, media_type=DICOM_JSON)
     warnings = [*query.warnings, *([MORE_RESULTS_WARNING] if page.more else [])]
     for text in warnings:

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from service.api.deps import SessionDep
+from service.api.deps import SessionDep, require
 from service.catalog.schemas import Stats
 from service.catalog.stats import compute_stats
+from service.security import Role
 
-router = APIRouter(tags=["stats"])
+router = APIRouter(tags=["stats"], dependencies=[Depends(require(Role.ADMIN))])
 
 
 @router.get("/stats", response_model=Stats)

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import metrics
 from service.api.accept import DICOM, DICOM_JSON, OCTET_STREAM, NotAcceptable, Packaging, accepts_json, negotiate
-from service.api.deps import RuntimeDep
+from service.api.deps import RuntimeDep, actor_of, require
+from service.audit import Actor
 from service.dicomfile import is_valid_uid
 from service.dicomweb import ResourceError, bulkdata, frames, metadata, parse_frame_list
 from service.logs import fields
@@ -36,10 +37,11 @@ from service.retrieve import (
     RetrieveUnavailable,
     find_refs,
 )
+from service.security import Role
 from service.transcode import ORIGINAL, TRANSCODE_TARGETS, TranscodeError, transcode
 
 LOGGER = logging.getLogger(__name__)
-router = APIRouter(prefix="/dicomweb", tags=["wado-rs"])
+router = APIRouter(prefix="/dicomweb", tags=["wado-rs"], dependencies=[Depends(require(Role.READER))])
 RETRY_AFTER_SECONDS = 5
 
 
@@ -99,6 +101,31 @@ def prepare(runtime: Any, ref: InstanceRef, syntaxes: tuple[str, ...]) -> Prepar
     raise NotAcceptable(f"instance cannot be served in {', '.join(syntaxes)} ({detail})")
 
 
+def audited_prepare(runtime: Any, ref: InstanceRef, syntaxes: tuple[str, ...], actor: Actor) -> Prepared:
+    """`prepare`, with an audit event for the instance sent (or refused)."""
+    what = {"study": ref.study_instance_uid, "series": ref.series_instance_uid, "sop": ref.sop_instance_uid}
+    try:
+        prepared = prepare(runtime, ref, syntaxes)
+    except Exception as exc:
+        runtime.auditor.record(actor, "retrieve", "wado", "failed", detail=str(exc)[:500], **what)
+        raise
+    runtime.auditor.record(actor, "retrieve", "wado", detail=f"instance {prepared.transfer_syntax_uid}", **what)
+    return prepared
+
+
+def _audit_view(runtime: Any, request: Request, ref: InstanceRef, view: str, outcome: str = "ok") -> None:
+    runtime.auditor.record(
+        actor_of(request),
+        "retrieve",
+        "wado",
+        outcome,
+        study=ref.study_instance_uid,
+        series=ref.series_instance_uid,
+        sop=ref.sop_instance_uid,
+        detail=view,
+    )
+
+
 def _check_uids(*uids: str | None) -> JSONResponse | None:
     if any(uid is not None and not is_valid_uid(uid) for uid in uids):
         return _error(400, "malformed UID in the path")
@@ -152,7 +179,9 @@ async def _retrieve(request: Request, runtime: Any, study: str, series: str | No
     if not refs:
         return _error(404, "no such " + ("instance" if sop else "series" if series else "study"))
     try:
-        first = await run_in_threadpool(prepare, runtime, refs[0], packaging.transfer_syntaxes)
+        first = await run_in_threadpool(
+            audited_prepare, runtime, refs[0], packaging.transfer_syntaxes, actor_of(request)
+        )
     except (RetrieveError, NotAcceptable, TranscodeError) as exc:
         metrics.RETRIEVALS.labels(interface="wado", outcome=_outcome(exc)).inc()
         LOGGER.warning("WADO-RS retrieve refused", extra=fields(instance=refs[0].id, reason=str(exc)))
@@ -199,7 +228,9 @@ async def _stream(
                 metrics.RETRIEVALS.labels(interface="wado", outcome="ok").inc()
             if index + 1 < len(refs):  # prepare the next one while this one is sent
                 pending = asyncio.ensure_future(
-                    run_in_threadpool(prepare, runtime, refs[index + 1], packaging.transfer_syntaxes)
+                    run_in_threadpool(
+                        audited_prepare, runtime, refs[index + 1], packaging.transfer_syntaxes, actor_of(request)
+                    )
                 )
             yield _part(prepared, _instance_url(request, prepared.ref), boundary)
         yield f"--{boundary}--\r\n".encode("ascii")
@@ -237,7 +268,9 @@ async def _metadata(request: Request, runtime: Any, study: str, series: str | No
         return _error(404, "no such " + ("instance" if sop else "series" if series else "study"))
 
     def build(ref: InstanceRef) -> dict[str, Any]:
-        return metadata(runtime.retriever.fetch(ref), _instance_url(request, ref), ref.transfer_syntax_uid)
+        item = metadata(runtime.retriever.fetch(ref), _instance_url(request, ref), ref.transfer_syntax_uid)
+        _audit_view(runtime, request, ref, "metadata")
+        return item
 
     try:
         items = [await run_in_threadpool(build, ref) for ref in refs]
@@ -278,7 +311,13 @@ def _octet_parts(values: list[bytes], boundary: str, transfer_syntax: str) -> by
 
 
 async def _octets(
-    request: Request, runtime: Any, study: str, series: str, sop: str, extract: Callable[[bytes], list[bytes]]
+    request: Request,
+    runtime: Any,
+    study: str,
+    series: str,
+    sop: str,
+    extract: Callable[[bytes], list[bytes]],
+    view: str,
 ) -> Response:
     bad = _check_uids(study, series, sop)
     if bad is not None:
@@ -295,7 +334,9 @@ async def _octets(
         return _error(404, "no such instance")
 
     def build() -> list[bytes]:
-        return extract(runtime.retriever.fetch(refs[0]))
+        values = extract(runtime.retriever.fetch(refs[0]))
+        _audit_view(runtime, request, refs[0], view)
+        return values
 
     try:
         values = await run_in_threadpool(build)
@@ -316,11 +357,13 @@ async def retrieve_frames(
         numbers = parse_frame_list(frame_list)
     except ResourceError as exc:
         return _error(exc.status, str(exc))
-    return await _octets(request, runtime, study, series, sop, lambda data: frames(data, numbers))
+    return await _octets(
+        request, runtime, study, series, sop, lambda data: frames(data, numbers), f"frames {frame_list[:200]}"
+    )
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}")
 async def retrieve_bulkdata(
     study: str, series: str, sop: str, tag: str, request: Request, runtime: RuntimeDep
 ) -> Response:
-    return await _octets(request, runtime, study, series, sop, lambda data: [bulkdata(data, tag)])
+    return await _octets(request, runtime, study, series, sop, lambda data: [bulkdata(data, tag)], f"bulkdata {tag}")
