@@ -438,10 +438,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _multiprocess_metrics(settings: Settings) -> None:
+    """`serve` runs workers as child processes: their counters and histograms reach /metrics through
+    prometheus-client's multiprocess mode (one file per process in a directory set before import)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    directory = settings.data_dir / "metrics"
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):  # left by an earlier run: their values are not this run's
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory.resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
     configure_logging(settings.log_level)
+    if args.handler is cmd_serve:
+        _multiprocess_metrics(settings)
     return int(args.handler(settings, args))
 
 

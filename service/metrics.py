@@ -26,3 +26,14 @@ RETRIEVALS = Counter(
     "Instances sent, by interface and outcome",
     ["interface", "outcome"],  # wado | c-move | c-get ; ok | corrupt | timeout | unavailable | not-acceptable
 )
+COMPRESSION_SECONDS = Histogram(
+    "archive_compression_seconds",
+    "Time to compress, verify and store one instance, by the codec chosen",
+    ["codec"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+ARCHIVED = Counter("archive_archived_total", "Instances archived, by codec chosen", ["codec"])
+ARCHIVED_BYTES = Counter(
+    "archive_archived_bytes_total", "Bytes of archived instances, by codec chosen", ["codec", "kind"]
+)  # kind: original | stored
+ARCHIVE_FAILURES = Counter("archive_archive_failures_total", "Instances that could not be archived")

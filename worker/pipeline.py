@@ -26,6 +26,7 @@ from lvpnet.imageio import (
     pixel_layout,
     write_native_pixel_bytes,
 )
+from service import metrics
 from service.catalog import leases
 from service.catalog.tables import Instance, InstanceState
 from service.config import CompressionEffort, Settings
@@ -170,6 +171,7 @@ def _verified(record: Record, original_sha256: str) -> bytes | None:
         LOGGER.exception("rebuild failed", extra=fields(codec=record.codec))
         return None
     if hashlib.sha256(rebuilt).hexdigest() != original_sha256:
+        metrics.VERIFICATION_FAILURES.labels(stage="archive").inc()
         LOGGER.error("rebuilt file differs from the original", extra=fields(codec=record.codec))
         return None
     return packed
@@ -273,6 +275,7 @@ def _fail(ctx: WorkerContext, instance_id: int, reason: str) -> None:
             instance.lease_owner = None
             instance.lease_expires_at = None
             session.commit()
+            metrics.ARCHIVE_FAILURES.inc()
     LOGGER.error("instance failed", extra=fields(instance=instance_id, reason=reason))
 
 
@@ -332,6 +335,11 @@ def archive_instance(ctx: WorkerContext, instance_id: int) -> str:
         if instance is not None and instance.state == InstanceState.ARCHIVED:
             instance.staging_key = None
             session.commit()
+    seconds = time.monotonic() - started
+    metrics.COMPRESSION_SECONDS.labels(codec=built.record.codec).observe(seconds)
+    metrics.ARCHIVED.labels(codec=built.record.codec).inc()
+    metrics.ARCHIVED_BYTES.labels(codec=built.record.codec, kind="original").inc(len(data))
+    metrics.ARCHIVED_BYTES.labels(codec=built.record.codec, kind="stored").inc(len(built.data))
     LOGGER.info(
         "instance archived",
         extra=fields(

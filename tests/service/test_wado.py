@@ -349,3 +349,6 @@ def test_health_readiness_and_metrics(archive: Archive) -> None:
     assert archived is not None and float(archived.group(1)) >= len(archive.originals)
     assert 'archive_ingested_total{source="stow",status="stored"}' in text
     assert 'archive_retrieve_seconds_count{source="archive"}' in text
+    # From the embedded worker processes (multiprocess mode)
+    assert re.search(r'^archive_compression_seconds_count\{codec="[a-z0-9-]+"\} [1-9]', text, re.MULTILINE), text
+    assert re.search(r'^archive_archived_total\{codec="[a-z0-9-]+"\} [1-9]', text, re.MULTILINE)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from sqlalchemy import text
 
 from service.api.deps import PrincipalDep, RuntimeDep
-from service.catalog_metrics import register_catalog_collector
+from service.catalog_metrics import CatalogCollector, register_catalog_collector
 
 LOGGER = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -58,6 +59,12 @@ def readiness(runtime: RuntimeDep) -> JSONResponse:
 
 @router.get("/metrics")
 def metrics(runtime: RuntimeDep, _: PrincipalDep) -> Response:
-    """Any authenticated caller (a Prometheus scraper gets a reader key)."""
+    """Any authenticated caller (a Prometheus scraper gets a reader key).  Under `serve`, the
+    workers' counters and histograms are merged in (prometheus-client multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(CatalogCollector(runtime))
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
     register_catalog_collector(runtime)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
