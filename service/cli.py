@@ -223,6 +223,44 @@ def cmd_dicom(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
+    """List the studies ARCHIVE_RETENTION_RULES says have expired; delete them with --apply."""
+    from service.audit import Actor
+    from service.audit import event as audit_event
+    from service.catalog.admin import delete_entity
+    from service.catalog.retention import RetentionRules, expired_studies
+    from service.db import make_engine, make_session_factory
+    from service.storage import open_store
+
+    try:
+        rules = RetentionRules.parse(settings.retention_rules)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    engine = make_engine(settings.resolved_database_url())
+    factory = make_session_factory(engine)
+    store = open_store(settings.resolved_storage_url(), settings)
+    actor = Actor("retention", "system")
+    try:
+        with factory() as session:
+            expired = expired_studies(session, rules)
+        print(json.dumps({"expired_studies": len(expired), "applied": bool(args.apply)}))
+        if not args.apply:
+            return 0
+        for uid in expired:
+            with factory() as session:
+                removed, orphans = delete_entity(session, "study", uid, actor.name, "retention rule")
+                detail = f"retention rule ({settings.retention_rules}): {removed} instances"
+                session.add(audit_event(actor, "delete", "retention", study=uid, detail=detail))
+                session.commit()
+            for key in orphans:
+                store.delete(key)
+        LOGGER.info("retention applied", extra=fields(studies=len(expired)))
+    finally:
+        engine.dispose()
+    return 0
+
+
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     """API keys: `create --role ROLE --name NAME` prints the key once; `list`; `revoke --name NAME`."""
     from sqlalchemy import select
@@ -263,6 +301,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
         return embedded.main(["--settings-json", json.dumps(_overrides(args), default=str)])
     from worker.celery_app import app
+
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker_metrics_port, addr=settings.host)
 
     argv = ["worker", "--loglevel", settings.log_level, "--without-gossip", "--without-mingle", "--queues", args.queues]
     if args.concurrency > 1:
@@ -397,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate": (cmd_migrate, "apply catalog migrations"),
         "import": (cmd_import, "bulk-import a folder of DICOM files (resumable)"),
         "stats": (cmd_stats, "catalog figures"),
+        "retention": (cmd_retention, "list (or --apply: delete) studies past ARCHIVE_RETENTION_RULES"),
         "keys": (cmd_keys, "API keys: create --role reader|uploader|admin --name NAME (prints it once), list, revoke"),
         "scrub": (cmd_scrub, "re-read archived objects, check them, mark corrupt ones (exit 1 if any)"),
         "rebuild-catalog": (cmd_rebuild_catalog, "rebuild a lost catalog from the object store (resumable)"),
@@ -410,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "import":
             command.add_argument("directory", type=Path)
             command.add_argument("--quiet", action="store_true")
+        if name == "retention":
+            command.add_argument("--apply", action="store_true", help="delete them (default: only count)")
         if name == "keys":
             command.add_argument("action", choices=["create", "list", "revoke"])
             command.add_argument("--name")

@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     admin_password: str = ""
     # Signs dashboard session cookies; several API hosts must share one (default: kept in data_dir)
     session_secret: str = ""
+    # Retention: "MODALITY:DAYS,...,*:DAYS" since the study date; 0 keeps forever (`lvpnet-archive retention`)
+    retention_rules: str = ""
+    # Celery worker: serve its Prometheus metrics on this port (0: off)
+    worker_metrics_port: int = Field(default=0, ge=0, lt=65536)
     # Embedded worker: how many compression processes `serve` runs
     embedded_workers: int = Field(default=1, ge=0)
     log_level: str = "INFO"
