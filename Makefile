@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean dcmtk browser
+.PHONY: install run test lint bench clean dcmtk soak browser
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -36,6 +36,12 @@ lint: install
 
 test: install lint dcmtk browser
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider
+
+# Long versions of the reliability tests: 1,000 damaged codec streams and 1,000 damaged archive
+# records (the short runs in `test` use a few hundred); summaries land in var/soak/*.json.
+soak: install
+	FUZZ_INPUTS=1000 RECORD_FUZZ_INPUTS=1000 FUZZ_REPORT_DIR=var/soak \
+		$(PY) -m pytest -q -p no:cacheprovider tests/reliability
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

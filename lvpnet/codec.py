@@ -161,7 +161,10 @@ def decompress(
     data = bytes(data)
     header = parse_header(data, max_samples=max_samples)
     frames = _guarded_decode(data, header, range(header.descriptor.frames), options or CodecOptions())
-    out = frames.reshape(header.descriptor.shape())
+    try:
+        out = frames.reshape(header.descriptor.shape())
+    except ValueError as exc:  # a header (valid CRC) whose layout contradicts its frames/samples
+        raise CorruptStreamError(f"decoded frames do not fit the header's layout: {exc}") from exc
     if sha256(_canonical_bytes(out)) != header.raw_sha256:
         raise CorruptStreamError("decoded array does not match the stream's SHA-256")
     return out

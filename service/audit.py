@@ -29,7 +29,8 @@ class Actor:
     @classmethod
     def dicom(cls, assoc: Any) -> Actor:
         requestor = assoc.requestor
-        return cls(str(requestor.ae_title).strip(), "dicom-ae", str(requestor.address))
+        address = getattr(requestor, "address", None)
+        return cls(str(requestor.ae_title).strip(), "dicom-ae", str(address) if address else None)
 
 
 def event(

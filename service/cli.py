@@ -365,14 +365,19 @@ def _progress(quiet: bool, unit: str) -> Any:
 
 def cmd_scrub(settings: Settings, args: argparse.Namespace) -> int:
     """Re-read archived objects, check them (and rebuild all or a sample); exit 1 on corruption."""
-    from service.db import make_engine, make_session_factory
-    from service.storage import open_store
-    from worker.scrub import scrub
-
     mode = "headers" if args.headers_only else "sample" if args.sample is not None else "full"
     if args.sample is not None and not 0.0 <= args.sample <= 1.0:
         print("--sample takes a fraction between 0 and 1", file=sys.stderr)
         return 2
+    metrics_dir = settings.data_dir / "metrics"
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") and metrics_dir.is_dir():
+        # A `serve` on this host merges that directory into its /metrics: the scrub's failures show
+        # there.  Set before prometheus-client is imported (it picks its value class at import).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    from service.db import make_engine, make_session_factory
+    from service.storage import open_store
+    from worker.scrub import scrub
+
     engine = make_engine(settings.resolved_database_url())
     bar = _progress(args.quiet, "instance")
     try:

@@ -97,7 +97,8 @@ def parse_record(data: bytes) -> Record:
 
 
 def zstd_compress(data: bytes, level: int = ZSTD_LEVEL) -> bytes:
-    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+    # The frame checksum makes a damaged section fail in zstd, before the SHA-256 check of the whole
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True).compress(data)
 
 
 def zstd_decompress(data: bytes, limit: int) -> bytes:

@@ -308,3 +308,31 @@ def mixed_syntax_study(study_uid: str) -> list[bytes]:
         ds.save_as(buffer)
         files.append(buffer.getvalue())
     return files
+
+
+@contextlib.contextmanager
+def moto_s3(log_path: Path | None = None) -> Iterator[str]:
+    """moto's standalone S3 server as a process on loopback; yields its endpoint URL."""
+    port = free_port()
+    log = log_path.open("wb") if log_path is not None else subprocess.DEVNULL
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(endpoint, timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if log_path is not None:
+            log.close()  # type: ignore[union-attr]

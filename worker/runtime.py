@@ -40,6 +40,12 @@ def default_model() -> str:
 
 @cache
 def codec_options() -> Any:
+    """The GPU when this process has one (ARCHIVE_WORKER_DEVICE=cpu forces the CPU): decoding is
+    exact integer arithmetic, so streams are identical either way (tests/lvpnet/test_gpu.py)."""
+    import torch
+
     from lvpnet.codec import CodecOptions
 
-    return CodecOptions()
+    wanted = os.environ.get("ARCHIVE_WORKER_DEVICE", "auto")
+    device = "cuda" if wanted in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    return CodecOptions(device=device)

@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from service.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore
 from service.storage.filesystem import FilesystemStore
 from service.storage.s3 import S3Store
-from tests.archive_support import free_port
+from tests.archive_support import moto_s3
 
 
 @pytest.fixture
 def moto_endpoint() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                httpx.get(endpoint, timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with moto_s3() as endpoint:
         yield endpoint
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(params=["filesystem", "s3"])
