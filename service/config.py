@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     admin_password: str = ""
     # Signs dashboard session cookies; several API hosts must share one (default: kept in data_dir)
     session_secret: str = ""
+    # Back-pressure: refuse new objects (C-STORE 0xA700, STOW 503) while this many wait for
+    # compression (0: no limit), or while the data disk has less than this free
+    max_queue_depth: int = Field(default=0, ge=0)
+    min_free_disk_bytes: int = Field(default=512 * 1024**2, ge=0)
     # Retention: "MODALITY:DAYS,...,*:DAYS" since the study date; 0 keeps forever (`lvpnet-archive retention`)
     retention_rules: str = ""
     # Celery worker: serve its Prometheus metrics on this port (0: off)

@@ -7,11 +7,13 @@ object durable (fsync + rename, or a completed PUT) -> catalog rows committed ->
 from __future__ import annotations
 
 import logging
+import shutil
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,6 +21,7 @@ from service import metrics
 from service.audit import Actor, Auditor
 from service.audit import event as audit_event
 from service.catalog.ingest import Decision, DuplicateOutcome, add_received_instance, decide_duplicate
+from service.catalog.tables import Instance, InstanceState
 from service.config import Settings
 from service.dicomfile import InstanceFacts, InvalidInstance, UnsupportedTransferSyntax, inspect_file
 from service.logs import fields
@@ -30,6 +33,7 @@ LOGGER = logging.getLogger(__name__)
 
 STUDY_MISMATCH_REASON = "StudyInstanceUID differs from the request's"
 TOO_LARGE_REASON = "object larger than the size limit"
+BACKPRESSURE_REASON = "archive busy: compression queue or disk full, retry later"
 
 
 class IngestStatus(StrEnum):
@@ -126,6 +130,8 @@ class Ingestor:
     ) -> IngestResult:
         if size > self.settings.max_instance_bytes:
             return self._refuse(IngestStatus.TOO_LARGE, TOO_LARGE_REASON, source, size)
+        if self._overloaded(size):
+            return self._refuse(IngestStatus.OUT_OF_RESOURCES, BACKPRESSURE_REASON, source, size)
         try:
             facts = inspect_file(path, expected_sop_instance_uid=expected_sop_instance_uid)
         except UnsupportedTransferSyntax as exc:
@@ -223,6 +229,28 @@ class Ingestor:
         for key in orphans:
             self._discard_staged(key)
         LOGGER.info("IOCM rejection applied", extra=fields(code=code, references=len(references)))
+
+    def _overloaded(self, size: int) -> bool:
+        """Back-pressure: what the archive cannot keep it does not accept.  The queue depth is a
+        catalog count (indexed by state); the free space is that of the data disk (staging and
+        incoming live there in the embedded mode)."""
+        settings = self.settings
+        try:
+            free = shutil.disk_usage(settings.data_dir).free
+        except OSError:
+            free = None
+        if free is not None and free - size < settings.min_free_disk_bytes:
+            LOGGER.warning("refusing: data disk nearly full", extra=fields(free_bytes=free))
+            return True
+        if settings.max_queue_depth:
+            with self.session_factory() as session:
+                waiting = session.scalar(
+                    select(func.count()).select_from(Instance).where(Instance.state == InstanceState.RECEIVED)
+                )
+            if (waiting or 0) >= settings.max_queue_depth:
+                LOGGER.warning("refusing: compression queue full", extra=fields(waiting=waiting))
+                return True
+        return False
 
     def refuse_too_large(self, source: str, size: int, *, spooled: int) -> IngestResult:
         """An object refused while it was arriving: `spooled` bytes reached the disk (then deleted)."""

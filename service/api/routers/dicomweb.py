@@ -15,7 +15,7 @@ from service.api.deps import RuntimeDep, actor_of, require
 from service.api.multipart import MultipartError, MultipartRelatedParser, Part, PartTooLarge
 from service.audit import Actor
 from service.dicomfile import is_valid_uid
-from service.ingest import STUDY_MISMATCH_REASON, IngestResult, IngestStatus
+from service.ingest import BACKPRESSURE_REASON, STUDY_MISMATCH_REASON, IngestResult, IngestStatus
 from service.logs import fields
 from service.security import Role
 
@@ -118,11 +118,14 @@ async def _stow(request: Request, runtime: Any, study_uid: str | None) -> Respon
 
     referenced: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
+    busy: list[IngestResult] = []
     base_url = str(request.base_url) + "dicomweb/studies/"
     try:
         for part in parts:
             outcome = await run_in_threadpool(_ingest_part, runtime, part, study_uid, actor_of(request))
             result, reason = outcome
+            if result is not None and result.reason == BACKPRESSURE_REASON:
+                busy.append(result)
             if reason is None:
                 referenced.append(_referenced_item(result, base_url))  # type: ignore[arg-type]
             else:
@@ -144,6 +147,9 @@ async def _stow(request: Request, runtime: Any, study_uid: str | None) -> Respon
         status = 200
     elif referenced:
         status = 202
+    elif busy and len(busy) == len(failed):
+        # Back-pressure: nothing was kept; the client should come back later
+        return JSONResponse(body, status_code=503, media_type=DICOM_JSON, headers={"Retry-After": "30"})
     else:
         too_large = all(f["00081197"]["Value"][0] == 0xA700 for f in failed)
         status = 413 if too_large and _all_too_large(parts, settings.max_instance_bytes) else 409
