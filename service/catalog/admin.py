@@ -229,6 +229,21 @@ def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
     }
 
 
+def tombstones(session: Session, limit: int = 100) -> list[dict[str, Any]]:
+    rows = session.scalars(select(Tombstone).order_by(Tombstone.id.desc()).limit(limit))
+    return [
+        {
+            "level": t.level,
+            "uid": t.uid,
+            "deleted_at": t.deleted_at.isoformat(),
+            "actor": t.actor,
+            "reason": t.reason,
+            "instances": t.instances,
+        }
+        for t in rows
+    ]
+
+
 def audit_events(
     session: Session,
     *,

@@ -139,6 +139,9 @@ async function openStudy(uid) {
   const study = await getJSON("/admin/api/studies/" + encodeURIComponent(uid));
   const container = document.getElementById("study-detail");
   container.replaceChildren(el("h2", {}, "Study " + study.study_instance_uid));
+  const remove = el("button", { id: "delete-study", class: "danger" }, "Delete study");
+  remove.addEventListener("click", () => deleteStudy(study.study_instance_uid));
+  container.appendChild(remove);
   for (const series of study.series) {
     container.appendChild(el("h3", {}, `Series ${series.series_number ?? ""} ${series.modality || ""} ${series.description || ""} - ${series.series_instance_uid}`));
     const table = el("table", { class: "instances" });
@@ -151,6 +154,28 @@ async function openStudy(uid) {
       table.appendChild(tr);
     }
     container.appendChild(table);
+  }
+}
+
+async function deleteStudy(uid) {
+  const reason = window.prompt("Delete this study and its stored objects? Reason (recorded in the audit trail):");
+  if (reason === null) return;
+  const response = await fetch("/admin/api/studies/" + encodeURIComponent(uid) + "?reason=" + encodeURIComponent(reason), {
+    method: "DELETE", credentials: "same-origin", headers: { "X-Requested-With": "lvpnet-archive" },
+  });
+  if (!response.ok) { window.alert("Deletion failed: " + response.status); return; }
+  document.getElementById("study-detail").replaceChildren(el("p", { id: "deleted-note" }, "Study " + uid + " deleted."));
+  await Promise.all([searchStudies(), refreshTombstones(), refreshAudit()]);
+}
+
+async function refreshTombstones() {
+  const rows = await getJSON("/admin/api/tombstones");
+  const body = document.querySelector("#tombstones tbody");
+  body.replaceChildren();
+  for (const t of rows) {
+    const tr = el("tr");
+    for (const v of [t.deleted_at.replace("T", " ").slice(0, 19), t.level, t.uid, String(t.instances), t.actor, t.reason || ""]) tr.appendChild(el("td", {}, v));
+    body.appendChild(tr);
   }
 }
 
@@ -176,5 +201,6 @@ document.getElementById("study-search").addEventListener("submit", searchStudies
 document.getElementById("audit-filter").addEventListener("submit", refreshAudit);
 refreshFigures();
 searchStudies();
+refreshTombstones();
 refreshAudit();
 setInterval(() => { refreshFigures().catch(console.error); }, REFRESH_MS);

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -113,8 +114,32 @@ def test_sign_in_figures_and_study_drill_down(tmp_path: Path, browser: webdriver
             browser.save_screenshot(str(tmp_path / "dashboard.png"))
             if screenshot:
                 shutil.copy(tmp_path / "dashboard.png", screenshot)
+
+            # Delete the other study from its drill-down: a reason is asked for, then it is gone
+            search.clear()
+            search.send_keys("OTHER-PATIENT")
+            search.submit()
+            # The table is re-rendered when the search answers: click once it holds just that study
+            wait.until(lambda _: len(browser.find_elements(By.CSS_SELECTOR, "#studies tbody tr")) == 1)
+            wait.until(lambda _: _clicked(browser, f'tr[data-study="{other.StudyInstanceUID}"]'))
+            wait.until(lambda _: _clicked(browser, "#delete-study"))
+            prompt = wait.until(expected_conditions.alert_is_present())
+            prompt.send_keys("test deletion")
+            prompt.accept()
+            wait.until(expected_conditions.presence_of_element_located((By.ID, "deleted-note")))
+            wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "tombstones"), other.StudyInstanceUID))
+            assert archive.instance(other.SOPInstanceUID) == []
+            assert "test deletion" in browser.find_element(By.ID, "tombstones").text
         finally:
             archive.stop()
+
+
+def _clicked(browser: webdriver.Chrome, selector: str) -> bool:
+    try:
+        browser.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+    except (NoSuchElementException, StaleElementReferenceException):
+        return False
 
 
 def _key(archive: object) -> str:

@@ -172,6 +172,11 @@ def study(study: str, session: SessionDep) -> dict[str, Any]:
     return detail
 
 
+@api.get("/tombstones")
+def deleted(session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
+    return figures.tombstones(session, limit)
+
+
 def _audit_filters(
     actor: Annotated[str | None, Query(max_length=128)] = None,
     action: Annotated[str | None, Query(max_length=16)] = None,
