@@ -35,7 +35,7 @@ lint: install
 	$(PY) -m ruff check .
 
 test: install lint dcmtk browser
-	$(PY) -m pytest -q -n 2 -p no:cacheprovider
+	$(PY) -m pytest -q -n 2 -p no:cacheprovider --durations=25
 
 # Long versions of the reliability tests: 1,000 damaged codec streams and 1,000 damaged archive
 # records (the short runs in `test` use a few hundred); summaries land in var/soak/*.json.

@@ -117,6 +117,18 @@ def _start_embedded_workers(settings: Settings) -> list[subprocess.Popen[bytes]]
     ]
 
 
+def _keep_workers_alive(
+    settings: Settings, workers: list[subprocess.Popen[bytes]], stopping: threading.Event
+) -> None:
+    """A dead embedded worker is replaced (its instance comes back to the queue when its lease
+    runs out): otherwise `serve` would go on accepting and never archive again."""
+    while not stopping.wait(2.0):
+        for index, worker in enumerate(workers):
+            if worker.poll() is not None and not stopping.is_set():
+                LOGGER.warning("embedded worker died; starting another", extra=fields(returncode=worker.returncode))
+                workers[index] = _start_embedded_workers(settings.model_copy(update={"embedded_workers": 1}))[0]
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from service.db import migrate
     from service.dicom.server import start_scp
@@ -141,6 +153,11 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     sweeper.start()
     # With a broker, Celery workers (`lvpnet-archive worker`) do the compression instead
     workers = [] if settings.broker_url else _start_embedded_workers(settings)
+    watchdog_stop = threading.Event()
+    if workers:
+        threading.Thread(
+            target=_keep_workers_alive, args=(settings, workers, watchdog_stop), name="worker-watchdog", daemon=True
+        ).start()
     LOGGER.info(
         "archive serving",
         extra=fields(http_port=settings.http_port, dicom_port=settings.dicom_port, workers=len(workers)),
@@ -150,6 +167,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it already handled: a normal stop
         pass
     finally:
+        watchdog_stop.set()
         sweeper.stop()
         if scp is not None:
             scp.shutdown()

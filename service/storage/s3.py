@@ -35,7 +35,14 @@ class S3Store(ObjectStore):
             aws_access_key_id=access_key_id,
             aws_secret_access_key=secret_access_key,
             region_name=region,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32),
+            # Bounded waits: a store that accepts connections but does not answer must not hold a
+            # C-STORE or a retrieval for minutes (botocore's default read timeout is 60 s x retries)
+            config=Config(
+                retries={"max_attempts": 4, "mode": "standard"},
+                max_pool_connections=32,
+                connect_timeout=5,
+                read_timeout=30,
+            ),
         )
         self.transfer = TransferConfig(multipart_threshold=64 * 1024**2, multipart_chunksize=64 * 1024**2)
 

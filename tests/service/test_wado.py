@@ -341,6 +341,9 @@ def test_staged_instances_are_served_and_decode_timeout_is_503(tmp_path: Path) -
 
 
 def test_health_readiness_and_metrics(archive: Archive) -> None:
+    # pytest-xdist may give this test its own module fixture: retrieve something first
+    study, series, sop = _ids(pydicom_file("emri_small.dcm"))
+    assert httpx.get(archive.url(study, series, sop), headers={"Accept": MULTIPART_ANY}, timeout=60).status_code == 200
     assert httpx.get(f"{archive.http}/healthz").json() == {"status": "alive"}
     ready = httpx.get(f"{archive.http}/readyz", timeout=30)
     assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "object_store": "ok"}
