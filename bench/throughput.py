@@ -22,7 +22,6 @@ Writes <out>.json and <out>.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -32,9 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,9 +48,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from retrieve import pick_images  # noqa: E402
 
-from tests.archive_support import c_store, free_port, moto_s3, part10_bytes  # noqa: E402
+from tests.archive_support import c_store, database, free_port, moto_s3, part10_bytes  # noqa: E402
 
-POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CORPUS = Path("/work/shared/corpus/dev")
 
@@ -79,16 +75,6 @@ def cli() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
 
 
-@contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    name = f"archive_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 
@@ -129,7 +115,7 @@ def run(workers: int, datasets: list[pydicom.Dataset], work: Path) -> dict[str, 
     broker_client.flushdb()
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        with postgres_database() as database_url, moto_s3() as endpoint:
+        with database("postgresql", REPO / "var") as database_url, moto_s3() as endpoint:
             boto3.client(
                 "s3", endpoint_url=endpoint, aws_access_key_id="b", aws_secret_access_key="b", region_name="us-east-1"
             ).create_bucket(Bucket="archive")
