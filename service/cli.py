@@ -149,6 +149,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         settings.sweep_interval_seconds,
         incoming_dir=settings.incoming_dir,
         incoming_stale_seconds=settings.incoming_stale_seconds,
+        store=runtime.store,
+        staging_orphan_seconds=settings.staging_orphan_seconds,
     )
     sweeper.start()
     # With a broker, Celery workers (`lvpnet-archive worker`) do the compression instead

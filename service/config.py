@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     # Files in incoming_dir untouched this long are left over from a crash (a receive in progress
     # writes to its file with every P-DATA fragment; an association idle for network_timeout ends)
     incoming_stale_seconds: float = Field(default=3600.0, gt=0)
+    # A staged copy that no catalog row names and whose bytes no archived instance holds (a crash
+    # before the catalog commit, never resent) is removed after this long; until then
+    # `rebuild-catalog` can still recover it should the catalog itself have been lost.
+    # A copy whose bytes are archived under another row goes after incoming_stale_seconds.
+    staging_orphan_seconds: float = Field(default=7 * 86400.0, gt=0)
     # Storage Commitment: calling AE title -> "host:port" of the peer that takes N-EVENT-REPORTs on
     # a new association, e.g. ARCHIVE_COMMITMENT_PEERS='{"PACS": "10.0.0.5:104"}'
     commitment_peers: dict[str, str] = Field(default_factory=dict)

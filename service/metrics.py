@@ -32,6 +32,11 @@ COMPRESSION_SECONDS = Histogram(
     ["codec"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
+STAGING_ORPHANS_REMOVED = Counter(
+    "archive_staging_orphans_removed_total",
+    "Staged copies no catalog row named (left by a crash before the catalog commit), removed",
+    ["reason"],
+)
 ARCHIVED = Counter("archive_archived_total", "Instances archived, by codec chosen", ["codec"])
 ARCHIVED_BYTES = Counter(
     "archive_archived_bytes_total", "Bytes of archived instances, by codec chosen", ["codec", "kind"]

@@ -1,6 +1,7 @@
 """Re-enqueue instances stuck in received/compressing (their message was lost or their worker
-died), and remove files a crash left in the incoming directory.  Runs at start-up and
-periodically, so a process killed at any point loses nothing and leaks nothing."""
+died), and remove files a crash left in the incoming directory and staged copies no catalog row
+names.  Runs at start-up and periodically, so a process killed at any point loses nothing and
+leaks nothing."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import metrics
 from service.catalog import leases
 from service.catalog.tables import Instance, InstanceState
 from service.logs import fields
 from service.queue import Enqueue
+from service.storage.base import STAGING_PREFIX, ObjectNotFoundError, ObjectStore
 
 LOGGER = logging.getLogger(__name__)
 HASH_CHUNK = 1 << 20
@@ -85,6 +88,71 @@ def clean_incoming(
     return removed
 
 
+def clean_staging(
+    store: ObjectStore,
+    session_factory: sessionmaker[Session],
+    redundant_after_seconds: float,
+    orphan_after_seconds: float,
+    now: float | None = None,
+    digests: dict[str, str] | None = None,
+) -> dict[str, list[str]]:
+    """Delete staged copies that no catalog row names.  They are left by a crash between the
+    staging PUT and the catalog commit (`Ingestor`): the sender got no Success for them.
+
+    * `redundant`: an instance with the same SHA-256 is archived (the sender resent it).  Removed
+      once older than `redundant_after_seconds`.
+    * `unclaimed`: nothing else holds these bytes.  Kept for `orphan_after_seconds` (days), not
+      removed at once, because a staged copy with no row is also what a lost or restored-from-backup
+      catalog looks like: `rebuild-catalog` turns such copies back into instances.
+
+    `digests` caches SHA-256s between runs (an unclaimed copy would otherwise be re-read every
+    sweep).  Returns the keys removed by reason."""
+    now = time.time() if now is None else now
+    removed: dict[str, list[str]] = {"redundant": [], "unclaimed": []}
+    digests = {} if digests is None else digests
+    listed = set()
+    for key in store.iter_keys(STAGING_PREFIX):
+        listed.add(key)
+        modified = store.modified_at(key)
+        if modified is None or modified > now - min(redundant_after_seconds, orphan_after_seconds):
+            continue
+        with session_factory() as session:
+            if session.scalar(select(Instance.id).where(Instance.staging_key == key).limit(1)) is not None:
+                continue
+        if key not in digests:
+            try:
+                digests[key] = hashlib.sha256(store.get_bytes(key)).hexdigest()
+            except ObjectNotFoundError:
+                continue
+        with session_factory() as session:
+            # Re-checked after the read: the row may have been committed meanwhile
+            if session.scalar(select(Instance.id).where(Instance.staging_key == key).limit(1)) is not None:
+                continue
+            archived = session.scalar(
+                select(Instance.id)
+                .where(Instance.original_sha256 == digests[key], Instance.state == InstanceState.ARCHIVED)
+                .limit(1)
+            )
+        if archived is not None and modified <= now - redundant_after_seconds:
+            reason = "redundant"
+        elif archived is None and modified <= now - orphan_after_seconds:
+            reason = "unclaimed"
+        else:
+            continue
+        store.delete(key)
+        digests.pop(key, None)
+        removed[reason].append(key)
+        metrics.STAGING_ORPHANS_REMOVED.labels(reason=reason).inc()
+    for key in set(digests) - listed:
+        digests.pop(key, None)
+    if any(removed.values()):
+        LOGGER.info(
+            "removed orphaned staged copies",
+            extra=fields(redundant=len(removed["redundant"]), unclaimed=len(removed["unclaimed"])),
+        )
+    return removed
+
+
 class Sweeper(threading.Thread):
     def __init__(
         self,
@@ -96,12 +164,17 @@ class Sweeper(threading.Thread):
         requeue: bool = True,
         incoming_dir: Path | None = None,
         incoming_stale_seconds: float = 3600.0,
+        store: ObjectStore | None = None,
+        staging_orphan_seconds: float = 7 * 86400.0,
     ) -> None:
         super().__init__(name="sweeper", daemon=True)
         self.session_factory, self.enqueue = session_factory, enqueue
         self.lease_seconds, self.interval_seconds = lease_seconds, interval_seconds
         self.requeue = requeue
         self.incoming_dir, self.incoming_stale_seconds = incoming_dir, incoming_stale_seconds
+        self.store, self.staging_orphan_seconds = store, staging_orphan_seconds
+        self._staged_digests: dict[str, str] = {}
+        self._next_staging_sweep = 0.0
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -111,6 +184,16 @@ class Sweeper(threading.Thread):
                     sweep(self.session_factory, self.enqueue, self.lease_seconds)
                 if self.incoming_dir is not None:
                     clean_incoming(self.incoming_dir, self.session_factory, self.incoming_stale_seconds)
+                # Listing staging/ costs a LIST on S3: at most every 10 sweeps (and at start-up)
+                if self.store is not None and time.monotonic() >= self._next_staging_sweep:
+                    self._next_staging_sweep = time.monotonic() + 10 * self.interval_seconds
+                    clean_staging(
+                        self.store,
+                        self.session_factory,
+                        self.incoming_stale_seconds,
+                        self.staging_orphan_seconds,
+                        digests=self._staged_digests,
+                    )
             except Exception:
                 LOGGER.warning("sweep failed", exc_info=True)
             if self.stopping.wait(self.interval_seconds):

@@ -45,7 +45,13 @@ def _start_sweeper(**_: Any) -> None:
     settings = Settings()
     ctx = process_context()
     _sweeper = Sweeper(
-        ctx.session_factory, make_enqueue(settings.broker_url), settings.lease_seconds, settings.sweep_interval_seconds
+        ctx.session_factory,
+        make_enqueue(settings.broker_url),
+        settings.lease_seconds,
+        settings.sweep_interval_seconds,
+        incoming_stale_seconds=settings.incoming_stale_seconds,
+        store=ctx.store,
+        staging_orphan_seconds=settings.staging_orphan_seconds,
     )
     _sweeper.start()
 

@@ -55,5 +55,9 @@ class ObjectStore(ABC):
     @abstractmethod
     def iter_keys(self, prefix: str) -> Iterator[str]: ...
 
+    @abstractmethod
+    def modified_at(self, key: str) -> float | None:
+        """When the object was last written (seconds since the epoch), None if absent."""
+
     def describe(self) -> str:
         return type(self).__name__

@@ -108,6 +108,12 @@ class FilesystemStore(ObjectStore):
         except FileNotFoundError:
             return None
 
+    def modified_at(self, key: str) -> float | None:
+        try:
+            return self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:
@@ -117,7 +123,9 @@ class FilesystemStore(ObjectStore):
         _fsync_dir(path.parent)
 
     def iter_keys(self, prefix: str) -> Iterator[str]:
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        # Walk only below the prefix's directory: listing staging/ must not visit every object
+        start = self.root.joinpath(*prefix.split("/")[:-1]) if "/" in prefix else self.root
+        for dirpath, dirnames, filenames in os.walk(start):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 if name.startswith("."):

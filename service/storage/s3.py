@@ -81,6 +81,15 @@ class S3Store(ObjectStore):
     def exists(self, key: str) -> bool:
         return self.size(key) is not None
 
+    def modified_at(self, key: str) -> float | None:
+        try:
+            response = self.client.head_object(Bucket=self.bucket, Key=self._name(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _NOT_FOUND:
+                return None
+            raise
+        return float(response["LastModified"].timestamp())
+
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
 

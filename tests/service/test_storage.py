@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +41,11 @@ def test_put_get_list_delete(store: ObjectStore, tmp_path: Path) -> None:
     assert store.get_bytes("staging/b.dcm") == b"\x00\x01" * 1000
     assert store.size("objects/ab/cd/abcd.lva") == 6
     assert sorted(store.iter_keys("staging/")) == ["staging/a.dcm", "staging/b.dcm"]
+    assert list(store.iter_keys("objects/ab/")) == ["objects/ab/cd/abcd.lva"]
+    assert list(store.iter_keys("nothing/")) == []
+    modified = store.modified_at("staging/b.dcm")
+    assert modified is not None and abs(modified - time.time()) < 120
+    assert store.modified_at("staging/none.dcm") is None
     store.delete("staging/a.dcm")
     store.delete("staging/a.dcm")  # absent: no error
     assert not store.exists("staging/a.dcm")

@@ -8,11 +8,12 @@ import shutil
 import time
 from pathlib import Path
 
+from service.catalog.tables import Instance
 from service.config import Settings
 from service.db import make_engine, make_session_factory, migrate
 from service.ingest import Ingestor
 from service.storage.filesystem import FilesystemStore
-from service.sweeper import clean_incoming
+from service.sweeper import clean_incoming, clean_staging
 from tests.archive_support import ct_dataset, part10_bytes, start_serve
 from worker.pipeline import WorkerContext, archive_instance
 
@@ -72,3 +73,46 @@ def test_serve_cleans_incoming_at_start_up(tmp_path: Path, sqlite_url: str) -> N
         assert '"removed stale incoming files"' in archive.log()
     finally:
         archive.stop()
+
+
+def test_staged_copies_no_row_names_are_removed_when_safe(tmp_path: Path, database_url: str) -> None:
+    """A crash between the staging PUT and the catalog commit leaves a staged copy no row names.
+    A copy of bytes archived under another row (the sender resent) goes after an hour; a copy
+    nothing else holds is kept for days, since a lost catalog looks the same until
+    `rebuild-catalog` has run."""
+    migrate(database_url)
+    settings = Settings(data_dir=tmp_path / "var", database_url=database_url)
+    factory = make_session_factory(make_engine(database_url))
+    store = FilesystemStore(tmp_path / "store")
+    ingestor = Ingestor(settings, factory, store, lambda _id: None)
+
+    archived_bytes = part10_bytes(ct_dataset(seed=92))
+    source = tmp_path / "archived.dcm"
+    source.write_bytes(archived_bytes)
+    archived = ingestor.ingest_file(source, source="import")
+    assert archived.instance_id is not None
+    assert archive_instance(WorkerContext(settings, factory, store, "worker"), archived.instance_id) == "archived"
+    waiting_source = tmp_path / "waiting.dcm"
+    waiting_source.write_bytes(part10_bytes(ct_dataset(seed=93)))
+    waiting = ingestor.ingest_file(waiting_source, source="import")  # staged, catalogued, not archived
+    assert waiting.instance_id is not None
+
+    store.put_bytes("staging/resent.dcm", archived_bytes)  # the crashed first attempt of a resent instance
+    store.put_bytes("staging/never-resent.dcm", part10_bytes(ct_dataset(seed=94)))
+    staged_before = sorted(store.iter_keys("staging/"))
+    assert len(staged_before) == 3
+
+    day = 24 * HOUR
+    assert clean_staging(store, factory, HOUR, 7 * day) == {"redundant": [], "unclaimed": []}  # all fresh
+    digests: dict[str, str] = {}
+    removed = clean_staging(store, factory, HOUR, 7 * day, now=time.time() + 2 * HOUR, digests=digests)
+    assert removed == {"redundant": ["staging/resent.dcm"], "unclaimed": []}
+    assert "staging/never-resent.dcm" in digests  # hashed once, not re-read next sweep
+    removed = clean_staging(store, factory, HOUR, 7 * day, now=time.time() + 8 * day, digests=digests)
+    assert removed == {"redundant": [], "unclaimed": ["staging/never-resent.dcm"]}
+    assert digests == {}
+    # The staged copy of the instance still waiting for a worker is never touched
+    with factory() as session:
+        waiting_key = session.get(Instance, waiting.instance_id).staging_key  # type: ignore[union-attr]
+    assert list(store.iter_keys("staging/")) == [waiting_key]
+    assert archive_instance(WorkerContext(settings, factory, store, "worker"), waiting.instance_id) == "archived"
