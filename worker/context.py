@@ -10,6 +10,7 @@ import uuid
 from service.config import Settings
 from service.db import make_engine, make_session_factory
 from service.storage import open_store
+from worker import weights
 from worker.pipeline import WorkerContext
 
 _lock = threading.Lock()
@@ -19,9 +20,9 @@ _context: WorkerContext | None = None
 def make_context(settings: Settings) -> WorkerContext:
     engine = make_engine(settings.resolved_database_url())
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    return WorkerContext(
-        settings, make_session_factory(engine), open_store(settings.resolved_storage_url(), settings), owner
-    )
+    store = open_store(settings.resolved_storage_url(), settings)
+    weights.use_store(store)
+    return WorkerContext(settings, make_session_factory(engine), store, owner)
 
 
 def process_context() -> WorkerContext:

@@ -26,6 +26,7 @@ from lvpnet.imageio import (
     pixel_layout,
     write_native_pixel_bytes,
 )
+from lvpnet.spec.container import parse_header
 from service import metrics
 from service.catalog import leases
 from service.catalog.tables import Instance, InstanceState
@@ -43,6 +44,7 @@ from service.record import (
     smallest_bytes_section,
 )
 from service.storage.base import ObjectNotFoundError, ObjectStore
+from worker import weights
 from worker.pixelcodecs import PIXEL_CODECS, PixelCodec
 
 LOGGER = logging.getLogger(__name__)
@@ -313,6 +315,7 @@ def archive_instance(ctx: WorkerContext, instance_id: int) -> str:
                 return "failed"
             if keeper.lost:
                 raise LeaseLost()
+            _keep_weights_with_streams(ctx, built)
             record_sha = hashlib.sha256(built.data).hexdigest()
             key = object_key(record_sha)
             ctx.store.put_bytes(key, built.data)
@@ -352,6 +355,14 @@ def archive_instance(ctx: WorkerContext, instance_id: int) -> str:
         ),
     )
     return "archived"
+
+
+def _keep_weights_with_streams(ctx: WorkerContext, built: BuiltRecord) -> None:
+    """An LVPNet object is archived only once the weights its stream names are in the store too."""
+    for section in built.record.sections:
+        if section.codec == "lvpnet":
+            header = parse_header(section.data)
+            weights.ensure_stored(ctx.store, header.codec_id, header.weights_sha256.hex())
 
 
 def _mark_archived(ctx: WorkerContext, instance_id: int, key: str, built: BuiltRecord, replaces_pk: int | None) -> None:

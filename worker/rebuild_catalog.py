@@ -47,6 +47,7 @@ from service.dicomfile import Digests, InstanceFacts, InvalidInstance, inspect_f
 from service.logs import fields
 from service.record import Record, RecordError, decode_bytes_section, parse_record
 from service.storage.base import OBJECTS_PREFIX, STAGING_PREFIX, ObjectStore
+from worker import weights
 from worker.scrub import ScrubFailure, check_address, load_codec_runtime, pixel_nbytes
 
 LOGGER = logging.getLogger(__name__)
@@ -260,6 +261,8 @@ def rebuild_catalog(
     """Catalogue every record under objects/, then every staged file under staging/.  The
     database must be migrated.  `progress(description)` may return a tqdm-like object."""
     report = RebuildReport(decode=decode)
+    if decode:
+        weights.use_store(store)
     started = time.monotonic()
     LOGGER.info("catalog rebuild started", extra=fields(decode=decode))
     with tempfile.TemporaryDirectory(prefix="rebuild-catalog-") as tmp:

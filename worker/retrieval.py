@@ -13,6 +13,7 @@ from service.logs import configure_logging, fields
 from service.record import parse_record
 from service.storage import ObjectStore, open_store
 from service.storage.base import ObjectNotFoundError
+from worker import weights
 
 LOGGER = logging.getLogger(__name__)
 _store: ObjectStore | None = None
@@ -23,6 +24,7 @@ def init_process(settings_json: str) -> None:
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings.log_level)
     _store = open_store(settings.resolved_storage_url(), settings)
+    weights.use_store(_store)
 
 
 def warm_up() -> None:
@@ -37,6 +39,7 @@ def _the_store() -> ObjectStore:
     if _store is None:
         settings = Settings()
         _store = open_store(settings.resolved_storage_url(), settings)
+        weights.use_store(_store)
     return _store
 
 

@@ -43,6 +43,7 @@ from service.catalog.tables import Instance, InstanceState, ScrubRun
 from service.logs import fields
 from service.record import Record, RecordError, Section, parse_record
 from service.storage.base import OBJECTS_PREFIX, ObjectNotFoundError, ObjectStore
+from worker import weights
 
 LOGGER = logging.getLogger(__name__)
 CONTENT_ADDRESS = re.compile(r"^objects/([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{64})\.lva$")
@@ -322,6 +323,8 @@ def scrub(
     if mode == "sample" and not 0.0 <= sample <= 1.0:
         raise ValueError("sample must be a fraction between 0 and 1")
     fraction = {"headers": 0.0, "sample": sample, "full": 1.0}[mode]
+    if fraction > 0:
+        weights.use_store(store)
     chooser = random.Random(seed)
     started = time.monotonic()
     with session_factory() as session:

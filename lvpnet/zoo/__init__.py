@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +164,14 @@ class Zoo:
         self._loaded: dict[str, ModelBundle] = {}  # by sha256
         self._extra: dict[str, ModelBundle] = {}  # by name, registered in memory
         self._lock = threading.Lock()
+        self._fallback: Callable[[str, str], bytes | None] | None = None
+
+    def set_fallback(self, fetch: Callable[[str, str], bytes | None] | None) -> None:
+        """Where to find weights a stream names that this installation does not ship (e.g. the
+        archive's object store after a disaster recovery onto a different release): `fetch(name,
+        sha256)` returns the bundle's bytes or None.  The SHA-256 is checked like a shipped file's."""
+        with self._lock:
+            self._fallback = fetch
 
     def _registry(self) -> dict[str, object]:
         if not self._registry_file.exists():
@@ -186,14 +195,32 @@ class Zoo:
             self._loaded[bundle.sha256] = bundle
 
     def unregister(self, name: str) -> None:
+        """Forget every loaded version of `name` (shipped versions load again from their files)."""
         with self._lock:
-            bundle = self._extra.pop(name, None)
-            if bundle is not None:
-                self._loaded.pop(bundle.sha256, None)
+            self._extra.pop(name, None)
+            for sha256 in [s for s, b in self._loaded.items() if b.name == name]:
+                del self._loaded[sha256]
 
     def get(self, name: str | None = None, sha256: str | None = None) -> ModelBundle:
         """Load a model by name (default when None); with `sha256`, the exact weights a stream needs."""
         name = name or self.default_name()
+        try:
+            return self._get(name, sha256)
+        except (UnsupportedStreamError, WeightsError):
+            with self._lock:
+                fetch = self._fallback
+            if sha256 is None or fetch is None:
+                raise
+            data = fetch(name, sha256)
+            if data is None:
+                raise
+        bundle = ModelBundle.from_bytes(data, sha256)
+        if bundle.name != name:
+            raise WeightsError(f"weights {sha256[:12]} found for model {name!r} belong to {bundle.name!r}")
+        with self._lock:
+            return self._loaded.setdefault(bundle.sha256, bundle)
+
+    def _get(self, name: str, sha256: str | None) -> ModelBundle:
         with self._lock:
             if sha256 is not None and sha256 in self._loaded:
                 return self._loaded[sha256]
