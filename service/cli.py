@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +96,41 @@ def _run_http(settings: Settings, runtime: Any) -> None:
     if settings.http_tls_cert and settings.http_tls_key:
         tls = {"ssl_certfile": str(settings.http_tls_cert), "ssl_keyfile": str(settings.http_tls_key)}
     config = uvicorn.Config(
-        create_app(runtime), host=settings.host, port=settings.http_port, log_config=None, access_log=False, **tls
+        create_app(runtime),
+        host=settings.host,
+        port=settings.http_port,
+        log_config=None,
+        access_log=False,
+        # SIGTERM: stop accepting, let requests in flight (a STOW-RS upload, a WADO-RS answer) end
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_seconds)),
+        **tls,
     )
-    uvicorn.Server(config).run()
+    # uvicorn restores the handler it found and raises SIGTERM again once it has stopped: with the
+    # default handler that would end the process before the caller's clean-up (DICOM drain, workers)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    LOGGER.info("HTTP server stopped")
+
+
+def _drain_scp(scp: Any, grace: float) -> None:
+    """Stop accepting associations, let the open ones finish (a C-STORE in flight is answered)
+    for up to `grace` seconds, then abort the rest: a sender whose C-STORE got no answer resends."""
+    scp.shutdown()
+
+    def open_associations() -> list[Any]:
+        # A released association's thread may linger until its socket times out: not in use
+        return [a for a in scp.active_associations if a.is_established]
+
+    deadline = time.monotonic() + grace
+    while open_associations() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    remaining = open_associations()
+    for association in remaining:
+        association.abort()
+    LOGGER.info("DICOM SCP stopped", extra=fields(aborted=len(remaining)))
 
 
 def _refuse_exposure(settings: Settings) -> None:
@@ -171,16 +204,17 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         watchdog_stop.set()
         sweeper.stop()
-        if scp is not None:
-            scp.shutdown()
-        for worker in workers:
+        for worker in workers:  # they finish (or give back) the instance in hand meanwhile
             worker.send_signal(signal.SIGTERM)
+        if scp is not None:
+            _drain_scp(scp, settings.shutdown_grace_seconds)
         for worker in workers:
             try:
-                worker.wait(timeout=30)
+                worker.wait(timeout=settings.shutdown_grace_seconds + 15)
             except subprocess.TimeoutExpired:
                 worker.kill()
         runtime.close()
+        LOGGER.info("archive stopped")
     return 0
 
 
@@ -238,7 +272,7 @@ def cmd_dicom(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         sweeper.stop()
         if scp is not None:
-            scp.shutdown()
+            _drain_scp(scp, settings.shutdown_grace_seconds)
         runtime.close()
     return 0
 

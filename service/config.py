@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     # A worker that holds an instance longer than this without renewing has died: the sweeper
     # hands the instance to another worker.  Renewed every lease_seconds / 3 while working.
     lease_seconds: float = Field(default=120.0, gt=0)
+    # On SIGTERM: how long in-flight work may take to finish (HTTP requests, DICOM associations, an
+    # instance being compressed) before it is cut off; a cut-off compression gives its instance
+    # back (lease released) so the next start takes it at once.  Keep below the orchestrator's
+    # grace period (Kubernetes terminationGracePeriodSeconds, compose stop_grace_period).
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     sweep_interval_seconds: float = Field(default=30.0, gt=0)
     task_max_retries: int = 5
     compression_effort: CompressionEffort = CompressionEffort.BEST
