@@ -488,6 +488,47 @@ def cmd_rebuild_catalog(settings: Settings, args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
+    """Re-compress archived instances with the current candidates (ARCHIVE_COMPRESSION_EFFORT,
+    ARCHIVE_CODEC_CANDIDATES, the default LVPNet model); resumable; exit 1 if any failed."""
+    from service.db import make_engine, make_session_factory, migrate
+    from service.storage import open_store
+    from worker import runtime
+    from worker.backfill import backfill
+
+    if args.limit is not None and args.limit < 0:
+        print("--limit must not be negative", file=sys.stderr)
+        return 2
+    migrate(settings.resolved_database_url())
+    runtime.load()
+    engine = make_engine(settings.resolved_database_url())
+    bar = _progress(args.quiet, "instance")
+    try:
+        report = backfill(
+            settings,
+            make_session_factory(engine),
+            open_store(settings.resolved_storage_url(), settings),
+            codec=args.codec,
+            limit=args.limit,
+            dry_run=args.dry_run,
+            progress=(lambda total: bar(total=total, desc="backfill")) if bar else None,
+        )
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    else:
+        saved = report.bytes_before - report.bytes_after
+        print(
+            f"backfill ({report.encoder_set}): {report.targets} to do, {report.tried} tried, "
+            f"{report.improved} smaller, {report.unchanged} unchanged, {report.changed_meanwhile} changed meanwhile, "
+            f"{len(report.failed)} failed, {saved} bytes saved, {report.seconds:.1f} s"
+        )
+        for failure in report.failed:
+            print(f"  failed: instance {failure['instance']}: {failure['error']}")
+    return report.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lvpnet-archive", description="LVPNet DICOM archive")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -503,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         "keys": (cmd_keys, "API keys: create --role reader|uploader|admin --name NAME (prints it once), list, revoke"),
         "scrub": (cmd_scrub, "re-read archived objects, check them, mark corrupt ones (exit 1 if any)"),
         "rebuild-catalog": (cmd_rebuild_catalog, "rebuild a lost catalog from the object store (resumable)"),
+        "backfill": (cmd_backfill, "re-compress archived instances with the current model and codecs (resumable)"),
     }
     for name, (handler, help_text) in commands.items():
         command = sub.add_parser(name, help=help_text)
@@ -533,6 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="attributes from the non-pixel bytes only: faster, unverified, dataset SHA-256 left empty",
             )
+            command.add_argument("--json", action="store_true")
+            command.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name == "backfill":
+            command.add_argument("--codec", help="only instances stored with this codec (e.g. file-zstd, jpegls)")
+            command.add_argument("--limit", type=int, help="at most this many instances this run")
+            command.add_argument("--dry-run", action="store_true", help="only count what would be tried")
             command.add_argument("--json", action="store_true")
             command.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "worker":

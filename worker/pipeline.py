@@ -56,6 +56,29 @@ EFFORT: dict[CompressionEffort, tuple[tuple[str, ...], int]] = {
 }
 
 
+def configured_candidates(settings: Settings) -> tuple[tuple[str, ...], int]:
+    """The pixel codecs to try and the zstd level, from the effort and ARCHIVE_CODEC_CANDIDATES."""
+    candidates, zstd_level = EFFORT[settings.compression_effort]
+    if settings.codec_candidates:
+        candidates = tuple(c.strip() for c in settings.codec_candidates.split(",") if c.strip())
+    return candidates, zstd_level
+
+
+def encoder_set(candidates: tuple[str, ...], zstd_level: int) -> str:
+    """What a record was chosen among, stored with it: a newer model (other weights) or a wider
+    candidate list gives another string, which is what `backfill` looks for."""
+    names = []
+    for name in sorted(set(candidates)):
+        if name == "lvpnet":
+            from lvpnet.zoo import ZOO
+            from worker.runtime import default_model
+
+            bundle = ZOO.get(default_model())
+            name = f"lvpnet:{bundle.name}@{bundle.sha256[:16]}"
+        names.append(name)
+    return f"{','.join(names)};zstd{zstd_level}"
+
+
 # ------------------------------------------------------------------------------ split / rebuild
 
 
@@ -305,9 +328,7 @@ def archive_instance(ctx: WorkerContext, instance_id: int) -> str:
             if hashlib.sha256(data).hexdigest() != original_sha256:
                 _fail(ctx, instance_id, "staged object does not match the received SHA-256")
                 return "failed"
-            candidates, zstd_level = EFFORT[ctx.settings.compression_effort]
-            if ctx.settings.codec_candidates:
-                candidates = tuple(c.strip() for c in ctx.settings.codec_candidates.split(",") if c.strip())
+            candidates, zstd_level = configured_candidates(ctx.settings)
             try:
                 built = build_record(data, original_sha256, candidates, zstd_level)
             except RecordError as exc:
@@ -315,14 +336,8 @@ def archive_instance(ctx: WorkerContext, instance_id: int) -> str:
                 return "failed"
             if keeper.lost:
                 raise LeaseLost()
-            _keep_weights_with_streams(ctx, built)
-            record_sha = hashlib.sha256(built.data).hexdigest()
-            key = object_key(record_sha)
-            ctx.store.put_bytes(key, built.data)
-            # Read back what the store now holds: a completed PUT of other bytes is not archived
-            if hashlib.sha256(ctx.store.get_bytes(key)).hexdigest() != record_sha:
-                raise OSError("object store returned different bytes than were written")
-            _mark_archived(ctx, instance_id, key, built, replaces_pk)
+            key = put_record(ctx.store, built)
+            _mark_archived(ctx, instance_id, key, built, replaces_pk, encoder_set(candidates, zstd_level))
     except LeaseLost:
         LOGGER.warning("lease lost; another worker has the instance", extra=fields(instance=instance_id))
         return "skipped"
@@ -357,15 +372,25 @@ def archive_instance(ctx: WorkerContext, instance_id: int) -> str:
     return "archived"
 
 
-def _keep_weights_with_streams(ctx: WorkerContext, built: BuiltRecord) -> None:
-    """An LVPNet object is archived only once the weights its stream names are in the store too."""
+def put_record(store: ObjectStore, built: BuiltRecord) -> str:
+    """Store a record under its content address and read it back; returns the key.  An LVPNet
+    record goes in only once the weights its stream names are in the store too."""
     for section in built.record.sections:
         if section.codec == "lvpnet":
             header = parse_header(section.data)
-            weights.ensure_stored(ctx.store, header.codec_id, header.weights_sha256.hex())
+            weights.ensure_stored(store, header.codec_id, header.weights_sha256.hex())
+    record_sha = hashlib.sha256(built.data).hexdigest()
+    key = object_key(record_sha)
+    store.put_bytes(key, built.data)
+    # Read back what the store now holds: a completed PUT of other bytes is not archived
+    if hashlib.sha256(store.get_bytes(key)).hexdigest() != record_sha:
+        raise OSError("object store returned different bytes than were written")
+    return key
 
 
-def _mark_archived(ctx: WorkerContext, instance_id: int, key: str, built: BuiltRecord, replaces_pk: int | None) -> None:
+def _mark_archived(
+    ctx: WorkerContext, instance_id: int, key: str, built: BuiltRecord, replaces_pk: int | None, chosen_among: str
+) -> None:
     with ctx.session_factory() as session:
         instance = session.get(Instance, instance_id, with_for_update=True)
         if instance is None or instance.lease_owner != ctx.owner or instance.state != InstanceState.COMPRESSING:
@@ -375,6 +400,7 @@ def _mark_archived(ctx: WorkerContext, instance_id: int, key: str, built: BuiltR
         instance.codec = built.record.codec
         instance.stored_bytes = len(built.data)
         instance.classical_bytes = built.classical_bytes
+        instance.encoder_set = chosen_among
         instance.archived_at = datetime.now(UTC)
         instance.lease_owner = None
         instance.lease_expires_at = None

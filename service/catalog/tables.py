@@ -133,6 +133,10 @@ class Instance(Base):
     # The smallest record a classical codec alone (JPEG-LS, JPEG XL, zstd) gave: what the learned
     # codec's own contribution is measured against
     classical_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # The candidates the record was chosen among, LVPNet weights included ("jpegls,lvpnet:lvpnet-ctx@
+    # baf3c76f67aeb2bf,zstd;zstd19"); `lvpnet-archive backfill` re-compresses rows whose set differs
+    # from the current one.  NULL: not recorded (archived before 0004, or by rebuild-catalog)
+    encoder_set: Mapped[str | None] = mapped_column(String(200))
     # Who sent it: the calling AE title (C-STORE) or the API key name (STOW)
     calling_ae: Mapped[str | None] = mapped_column(String(64), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
