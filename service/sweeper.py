@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import metrics
@@ -96,8 +96,13 @@ def clean_staging(
     now: float | None = None,
     digests: dict[str, str] | None = None,
 ) -> dict[str, list[str]]:
-    """Delete staged copies that no catalog row names.  They are left by a crash between the
-    staging PUT and the catalog commit (`Ingestor`): the sender got no Success for them.
+    """Delete staged copies nothing needs any more.
+
+    * `archived`: the row is archived but still names its staged copy (a crash between the
+      worker's archived commit and its delete of the copy).  Removed after `redundant_after_seconds`.
+
+    The others no catalog row names.  They are left by a crash between the staging PUT and the
+    catalog commit (`Ingestor`): the sender got no Success for them.
 
     * `redundant`: an instance with the same SHA-256 is archived (the sender resent it).  Removed
       once older than `redundant_after_seconds`.
@@ -108,49 +113,90 @@ def clean_staging(
     `digests` caches SHA-256s between runs (an unclaimed copy would otherwise be re-read every
     sweep).  Returns the keys removed by reason."""
     now = time.time() if now is None else now
-    removed: dict[str, list[str]] = {"redundant": [], "unclaimed": []}
+    removed: dict[str, list[str]] = {"archived": [], "redundant": [], "unclaimed": []}
     digests = {} if digests is None else digests
-    listed = set()
-    for key in store.iter_keys(STAGING_PREFIX):
-        listed.add(key)
-        modified = store.modified_at(key)
-        if modified is None or modified > now - min(redundant_after_seconds, orphan_after_seconds):
-            continue
-        with session_factory() as session:
-            if session.scalar(select(Instance.id).where(Instance.staging_key == key).limit(1)) is not None:
-                continue
-        if key not in digests:
-            try:
-                digests[key] = hashlib.sha256(store.get_bytes(key)).hexdigest()
-            except ObjectNotFoundError:
-                continue
-        with session_factory() as session:
-            # Re-checked after the read: the row may have been committed meanwhile
-            if session.scalar(select(Instance.id).where(Instance.staging_key == key).limit(1)) is not None:
-                continue
-            archived = session.scalar(
-                select(Instance.id)
-                .where(Instance.original_sha256 == digests[key], Instance.state == InstanceState.ARCHIVED)
-                .limit(1)
-            )
-        if archived is not None and modified <= now - redundant_after_seconds:
-            reason = "redundant"
-        elif archived is None and modified <= now - orphan_after_seconds:
-            reason = "unclaimed"
-        else:
-            continue
-        store.delete(key)
+    listed: dict[str, float] = dict(store.iter_modified(STAGING_PREFIX))
+    for key in set(digests) - set(listed):
         digests.pop(key, None)
-        removed[reason].append(key)
-        metrics.STAGING_ORPHANS_REMOVED.labels(reason=reason).inc()
-    for key in set(digests) - listed:
-        digests.pop(key, None)
+    old_enough = now - min(redundant_after_seconds, orphan_after_seconds)
+    candidates = sorted(key for key, modified in listed.items() if modified <= old_enough)
+    for start in range(0, len(candidates), 500):
+        chunk = candidates[start : start + 500]
+        with session_factory() as session:
+            rows = session.execute(
+                select(Instance.id, Instance.staging_key, Instance.state).where(Instance.staging_key.in_(chunk))
+            ).all()
+        named = {row.staging_key for row in rows}
+        for row in rows:
+            # The worker deletes the staged copy after the archived commit, then clears the key: a
+            # crash in between leaves both.  The archived record was verified: the copy may go.
+            if row.state == InstanceState.ARCHIVED and listed[row.staging_key] <= now - redundant_after_seconds:
+                store.delete(row.staging_key)
+                with session_factory() as session:
+                    session.execute(
+                        update(Instance)
+                        .where(Instance.id == row.id, Instance.state == InstanceState.ARCHIVED)
+                        .values(staging_key=None)
+                        .execution_options(synchronize_session=False)
+                    )
+                    session.commit()
+                removed["archived"].append(row.staging_key)
+                metrics.STAGING_ORPHANS_REMOVED.labels(reason="archived").inc()
+        for key in chunk:
+            if key not in named:
+                reason = _orphan_reason(
+                    store,
+                    session_factory,
+                    key,
+                    listed[key],
+                    now,
+                    digests,
+                    redundant_after_seconds,
+                    orphan_after_seconds,
+                )
+                if reason is not None:
+                    store.delete(key)
+                    digests.pop(key, None)
+                    removed[reason].append(key)
+                    metrics.STAGING_ORPHANS_REMOVED.labels(reason=reason).inc()
     if any(removed.values()):
         LOGGER.info(
             "removed orphaned staged copies",
-            extra=fields(redundant=len(removed["redundant"]), unclaimed=len(removed["unclaimed"])),
+            extra=fields(**{reason: len(keys) for reason, keys in removed.items()}),
         )
     return removed
+
+
+def _orphan_reason(
+    store: ObjectStore,
+    session_factory: sessionmaker[Session],
+    key: str,
+    modified: float,
+    now: float,
+    digests: dict[str, str],
+    redundant_after_seconds: float,
+    orphan_after_seconds: float,
+) -> str | None:
+    """'redundant', 'unclaimed' or None (keep) for a staged copy that no row named when listed."""
+    if key not in digests:
+        try:
+            digests[key] = hashlib.sha256(store.get_bytes(key)).hexdigest()
+        except ObjectNotFoundError:
+            return None
+    with session_factory() as session:
+        # Re-checked after the read: the row may have been committed meanwhile
+        if session.scalar(select(Instance.id).where(Instance.staging_key == key).limit(1)) is not None:
+            return None
+        archived = session.scalar(
+            select(Instance.id)
+            .where(Instance.original_sha256 == digests[key], Instance.state == InstanceState.ARCHIVED)
+            .limit(1)
+        )
+    if archived is not None and modified <= now - redundant_after_seconds:
+        return "redundant"
+    if archived is None and modified <= now - orphan_after_seconds:
+        return "unclaimed"
+    return None
 
 
 class Sweeper(threading.Thread):

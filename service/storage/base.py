@@ -59,5 +59,12 @@ class ObjectStore(ABC):
     def modified_at(self, key: str) -> float | None:
         """When the object was last written (seconds since the epoch), None if absent."""
 
+    def iter_modified(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """(key, modified_at) under `prefix`; stores whose listing carries the time override this."""
+        for key in self.iter_keys(prefix):
+            modified = self.modified_at(key)
+            if modified is not None:
+                yield key, modified
+
     def describe(self) -> str:
         return type(self).__name__

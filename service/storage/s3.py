@@ -94,7 +94,11 @@ class S3Store(ObjectStore):
         self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
 
     def iter_keys(self, prefix: str) -> Iterator[str]:
+        for key, _ in self.iter_modified(prefix):
+            yield key
+
+    def iter_modified(self, prefix: str) -> Iterator[tuple[str, float]]:
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
             for item in page.get("Contents", []):
-                yield item["Key"][len(self.prefix) :]
+                yield item["Key"][len(self.prefix) :], float(item["LastModified"].timestamp())

@@ -46,6 +46,9 @@ def test_put_get_list_delete(store: ObjectStore, tmp_path: Path) -> None:
     modified = store.modified_at("staging/b.dcm")
     assert modified is not None and abs(modified - time.time()) < 120
     assert store.modified_at("staging/none.dcm") is None
+    listed = dict(store.iter_modified("staging/"))
+    assert sorted(listed) == ["staging/a.dcm", "staging/b.dcm"]
+    assert all(abs(seconds - modified) < 120 for seconds in listed.values())
     store.delete("staging/a.dcm")
     store.delete("staging/a.dcm")  # absent: no error
     assert not store.exists("staging/a.dcm")

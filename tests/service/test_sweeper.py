@@ -97,19 +97,29 @@ def test_staged_copies_no_row_names_are_removed_when_safe(tmp_path: Path, databa
     waiting = ingestor.ingest_file(waiting_source, source="import")  # staged, catalogued, not archived
     assert waiting.instance_id is not None
 
+    # A crash between the worker's archived commit and its delete of the staged copy
+    with factory() as session:
+        row = session.get(Instance, archived.instance_id)
+        assert row is not None
+        row.staging_key = "staging/after-archival.dcm"
+        session.commit()
+    store.put_bytes("staging/after-archival.dcm", archived_bytes)
     store.put_bytes("staging/resent.dcm", archived_bytes)  # the crashed first attempt of a resent instance
     store.put_bytes("staging/never-resent.dcm", part10_bytes(ct_dataset(seed=94)))
     staged_before = sorted(store.iter_keys("staging/"))
-    assert len(staged_before) == 3
+    assert len(staged_before) == 4
 
     day = 24 * HOUR
-    assert clean_staging(store, factory, HOUR, 7 * day) == {"redundant": [], "unclaimed": []}  # all fresh
+    nothing: dict[str, list[str]] = {"archived": [], "redundant": [], "unclaimed": []}
+    assert clean_staging(store, factory, HOUR, 7 * day) == nothing  # all fresh
     digests: dict[str, str] = {}
     removed = clean_staging(store, factory, HOUR, 7 * day, now=time.time() + 2 * HOUR, digests=digests)
-    assert removed == {"redundant": ["staging/resent.dcm"], "unclaimed": []}
+    assert removed == {**nothing, "archived": ["staging/after-archival.dcm"], "redundant": ["staging/resent.dcm"]}
+    with factory() as session:
+        assert session.get(Instance, archived.instance_id).staging_key is None  # type: ignore[union-attr]
     assert "staging/never-resent.dcm" in digests  # hashed once, not re-read next sweep
     removed = clean_staging(store, factory, HOUR, 7 * day, now=time.time() + 8 * day, digests=digests)
-    assert removed == {"redundant": [], "unclaimed": ["staging/never-resent.dcm"]}
+    assert removed == {**nothing, "unclaimed": ["staging/never-resent.dcm"]}
     assert digests == {}
     # The staged copy of the instance still waiting for a worker is never touched
     with factory() as session:
