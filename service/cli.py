@@ -162,6 +162,45 @@ def _keep_workers_alive(
                 workers[index] = _start_embedded_workers(settings.model_copy(update={"embedded_workers": 1}))[0]
 
 
+def _scheduled_scrub(settings: Settings, session_factory: Any, stopping: threading.Event) -> None:
+    """Run `scrub --sample` as a child process (it decodes: torch stays out of this process) once
+    `scrub_interval_seconds` have passed since the last scrub the catalog records (by any host,
+    CLI runs included) or since this start, whichever is later."""
+    from sqlalchemy import func, select
+
+    from service.catalog.tables import ScrubRun
+
+    interval = settings.scrub_interval_seconds
+    started = time.time()
+    while not stopping.wait(min(60.0, interval)):
+        try:
+            with session_factory() as session:
+                last = session.scalar(select(func.max(ScrubRun.started_at)))
+            last_seconds = last.timestamp() if last is not None else 0.0
+            if time.time() < max(last_seconds, started) + interval:
+                continue
+            command = [sys.executable, "-m", "service.cli", "scrub", "--quiet", "--json"]
+            command += ["--sample", str(settings.scrub_sample)]
+            LOGGER.info("scheduled scrub started", extra=fields(sample=settings.scrub_sample))
+            result = subprocess.run(command, capture_output=True, timeout=24 * 3600)
+            try:
+                report = json.loads(result.stdout)
+            except ValueError:
+                report = {}
+            LOGGER.info(
+                "scheduled scrub finished",
+                extra=fields(
+                    exit_code=result.returncode,
+                    checked=report.get("checked"),
+                    corrupt=report.get("corrupt"),
+                    errors=report.get("errors"),
+                ),
+            )
+        except Exception:
+            LOGGER.warning("scheduled scrub failed", exc_info=True)
+        started = time.time()  # a failed run is not retried at once
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from service.db import migrate
     from service.dicom.server import start_scp
@@ -189,6 +228,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     # With a broker, Celery workers (`lvpnet-archive worker`) do the compression instead
     workers = [] if settings.broker_url else _start_embedded_workers(settings)
     watchdog_stop = threading.Event()
+    if settings.scrub_interval_seconds > 0:
+        threading.Thread(
+            target=_scheduled_scrub,
+            args=(settings, runtime.session_factory, watchdog_stop),
+            name="scheduled-scrub",
+            daemon=True,
+        ).start()
     if workers:
         threading.Thread(
             target=_keep_workers_alive, args=(settings, workers, watchdog_stop), name="worker-watchdog", daemon=True

@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(default=0, ge=0, lt=65536)
     # Embedded worker: how many compression processes `serve` runs
     embedded_workers: int = Field(default=1, ge=0)
+    # `serve` runs `scrub --sample <scrub_sample>` (every object re-read and checked, that fraction
+    # rebuilt) this long after the last scrub run the catalog records, or after its own start
+    # (0: never; distributed deployments schedule `lvpnet-archive scrub` instead, e.g. a CronJob)
+    scrub_interval_seconds: float = Field(default=86400.0, ge=0)
+    scrub_sample: float = Field(default=0.02, ge=0, le=1)
     log_level: str = "INFO"
 
     def exposure_problems(self) -> list[str]:

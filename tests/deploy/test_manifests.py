@@ -201,9 +201,16 @@ def _image_name(image: str) -> tuple[str, str]:
     return name, tag
 
 
-def _containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
+def _template(obj: dict[str, Any]) -> dict[str, Any]:
+    """The pod template of a Deployment or Job, or of the Jobs a CronJob creates."""
     spec = obj.get("spec", {})
-    pod = spec.get("template", {}).get("spec", {})
+    if obj.get("kind") == "CronJob":
+        spec = spec.get("jobTemplate", {}).get("spec", {})
+    return dict(spec.get("template", {}))
+
+
+def _containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    pod = _template(obj).get("spec", {})
     return list(pod.get("containers", [])) + list(pod.get("initContainers", []))
 
 
@@ -267,7 +274,7 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 
 def _pod_labels(workload: dict[str, Any]) -> dict[str, str]:
-    return dict(workload["spec"]["template"]["metadata"]["labels"])
+    return dict(_template(workload)["metadata"]["labels"])
 
 
 # ------------------------------------------------------------------------------------ tests: YAML
@@ -529,7 +536,7 @@ def test_rendered_objects_match_the_kubernetes_schemas(overlay: str) -> None:
     objects = render(OVERLAYS[overlay])
     kinds = {o["kind"] for o in objects}
     assert kinds >= {
-        "Namespace", "ServiceAccount", "ConfigMap", "Secret", "Deployment", "Service", "Job",
+        "Namespace", "ServiceAccount", "ConfigMap", "Secret", "Deployment", "Service", "Job", "CronJob",
         "PodDisruptionBudget", "NetworkPolicy", "ScaledObject", "TriggerAuthentication",
     }  # fmt: skip
     for obj in objects:
@@ -550,7 +557,7 @@ def test_rendered_objects_fit_together(overlay: str) -> None:
     objects = render(OVERLAYS[overlay])
     deployments = _by(objects, "Deployment")
     assert set(deployments) == {"api", "dicom", "worker", "retrieve-worker"}
-    workloads = [*deployments.values(), *_by(objects, "Job").values()]
+    workloads = [*deployments.values(), *_by(objects, "Job").values(), *_by(objects, "CronJob").values()]
     config = _by(objects, "ConfigMap")["lvpnet-archive-config"]["data"]
     secret_keys = set(_by(objects, "Secret")["lvpnet-archive-secrets"]["data"])
     for workload in workloads:
@@ -558,7 +565,7 @@ def test_rendered_objects_fit_together(overlay: str) -> None:
         spec = workload["spec"]
         if workload["kind"] == "Deployment":
             assert _selects(spec["selector"]["matchLabels"], _pod_labels(workload)), f"{name}: selector"
-        pod = spec["template"]["spec"]
+        pod = _template(workload)["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
         assert _pod_labels(workload)["app.kubernetes.io/part-of"] == "lvpnet-archive"
         for container in pod["containers"]:
@@ -625,6 +632,11 @@ def test_rendered_objects_fit_together(overlay: str) -> None:
         assert "archive-worker-cuda" in worker["image"]
     else:
         assert gpu is None and worker["image"].startswith("lvpnet/archive-service:")
+    # The nightly scrub decodes: the worker image, one run at a time
+    scrub_job = _by(objects, "CronJob")["scrub"]
+    [scrub] = _containers(scrub_job)
+    assert scrub["args"][:2] == ["scrub", "--sample"] and scrub["image"] == worker["image"]
+    assert scrub_job["spec"]["concurrencyPolicy"] == "Forbid"
     _check_network_policies(objects, deployments)
 
 
@@ -640,6 +652,7 @@ def _check_network_policies(objects: list[dict[str, Any]], deployments: dict[str
     policies = list(_by(objects, "NetworkPolicy").values())
     pods = {name: _pod_labels(d) for name, d in deployments.items()}
     pods["migrate"] = _pod_labels(_by(objects, "Job")["migrate"])
+    pods["scrub"] = _pod_labels(_by(objects, "CronJob")["scrub"])
     for name, labels in pods.items():
         selecting = [p for p in policies if _selects(p["spec"]["podSelector"]["matchLabels"], labels)]
         types = {t for p in selecting for t in p["spec"]["policyTypes"]}
