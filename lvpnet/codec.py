@@ -1,13 +1,14 @@
 """compress / decompress: arrays <-> `.lvp` streams, through tiles that code and decode independently.
 
 Each frame is cut into tiles of at most T x T; each tile is one chunk holding one record per
-sample plane.  A plane is coded as a constant, as packed raw bits, or with the model (latent z +
-pixels under the integer Laplace tables), whichever is smallest, so no plane is ever stored much
-larger than its raw bits.  Samples are coded as value - tile minimum (computed in int32), never
-as two's-complement bit patterns, and whatever bits the caller's words carry (overlays in the
-bits above BitsStored included) come back unchanged: `bits_stored` is recorded, never applied
-as a mask.  Padding to the latent grid (edge replication) only feeds the encoder's analysis;
-padded samples are never coded.
+sample plane.  A plane is coded as a constant, as packed raw bits, with the model (latent z +
+pixels under the integer Laplace tables), or (format version 2) as a lossless JPEG-LS or JPEG XL
+codestream, whichever is smallest: so no plane is ever stored much larger than its raw bits or
+than the classical codecs would store it, and the model is used where it wins.  Samples are
+coded as value - tile minimum (computed in int32), never as two's-complement bit patterns, and
+whatever bits the caller's words carry (overlays in the bits above BitsStored included) come back
+unchanged: `bits_stored` is recorded, never applied as a mask.  Padding to the latent grid (edge
+replication) only feeds the encoder's analysis; padded samples are never coded.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+import imagecodecs
 import numpy as np
 
 from lvpnet.entropy.fields import pack_fields, unpack_fields
@@ -49,6 +51,12 @@ class PlaneMode(IntEnum):
     CONSTANT = 0
     RAW = 1
     MODEL = 2
+    JPEGLS = 3  # format version 2: the plane as a lossless JPEG-LS codestream (CharLS)
+    JPEGXL = 4  # format version 2: the plane as a lossless JPEG XL codestream (libjxl, modular)
+
+
+CLASSICAL_MODES = {"jpegls": PlaneMode.JPEGLS, "jpegxl": PlaneMode.JPEGXL}
+CLASSICAL_MAX_BITS = 16  # both codecs take at most 16-bit samples (an RCT chroma plane may need 17)
 
 
 @dataclass
@@ -74,6 +82,9 @@ class CodecOptions:
     device: str = "cpu"
     channels_last: bool = False  # memory layout of the network's activations
     raw_fallback: bool = True  # False: always code varying planes with the model (ablations, tests)
+    # Encoder only: classical codecs a plane may be coded with instead, when they are smaller than
+    # the model (the per-tile choice); () for the learned coder alone.  Ignored without raw_fallback.
+    classical_planes: tuple[str, ...] = ("jpegls", "jpegxl")
 
 
 # ---------------------------------------------------------------------------------------- API
@@ -150,6 +161,8 @@ def compress(
         raw_sha256=sha256(_canonical_bytes(array)),
         frame_sha256=[sha256(_canonical_bytes(frames[f])) for f in range(n_frames)],
         chunks=chunks,
+        # Version 1 unless a classical plane is in it: such streams stay readable by older readers
+        version=2 if any(p.mode in CLASSICAL_MODES.values() for tile in tiles for p in tile) else 1,
     )
     return pack_header(header) + b"".join(chunk_bytes)
 
@@ -189,11 +202,12 @@ def decompress_frames(
 
 
 def stream_stats(data: bytes) -> dict[str, int]:
-    """Where a stream's bytes go: header, latent z, model-coded pixels, raw planes, per-plane
-    records; plus plane counts by mode.  Sums to len(data) (every byte counted)."""
+    """Where a stream's bytes go: header, latent z, model-coded pixels, raw planes, classical
+    (JPEG-LS / JPEG XL) planes, per-plane records; plus plane counts by mode.  Sums to len(data)
+    (every byte counted)."""
     header = parse_header(data, max_samples=1 << 62)
     d = header.descriptor
-    stats = {"header": header.header_length, "z": 0, "pixels": 0, "raw": 0, "plane_records": 0}
+    stats = {"header": header.header_length, "z": 0, "pixels": 0, "raw": 0, "classical": 0, "plane_records": 0}
     stats.update({f"planes_{m.name.lower()}": 0 for m in PlaneMode})
     for index in range(len(header.chunks)):
         body = memoryview(check_chunk(data, header, index))
@@ -205,7 +219,7 @@ def stream_stats(data: bytes) -> dict[str, int]:
                 continue
             _bits, body = _read(body, "<B")
             stats["plane_records"] += 1
-            sections = ("raw",) if mode == PlaneMode.RAW else ("z", "pixels")
+            sections = {PlaneMode.RAW: ("raw",), PlaneMode.MODEL: ("z", "pixels")}.get(mode, ("classical",))
             for section in sections:
                 (n,), body = _read(body, "<I")
                 _payload, body = _take(body, n)
@@ -291,17 +305,60 @@ def _encode_planes(bundle: ModelBundle, planes: list[_Plane], options: CodecOpti
         values = np.stack([p.values for p in batch])
         bits = np.array([p.bits for p in batch])
         for plane, (latent, pixels) in zip(batch, coder.encode(values, bits, options), strict=True):
-            model_size = 4 + len(latent) + 4 + len(pixels)
-            raw_size = 4 + (plane.values.size * plane.bits + 7) // 8
-            if model_size < raw_size or not options.raw_fallback:
-                plane.mode = PlaneMode.MODEL
-                plane.payload = struct.pack("<I", len(latent)) + latent + struct.pack("<I", len(pixels)) + pixels
-            else:
-                plane.mode = PlaneMode.RAW
-                raw = pack_fields(plane.values.ravel(), np.full(plane.values.size, plane.bits))
-                plane.payload = struct.pack("<I", len(raw)) + raw
+            plane.mode = PlaneMode.MODEL
+            plane.payload = struct.pack("<I", len(latent)) + latent + struct.pack("<I", len(pixels)) + pixels
+            if not options.raw_fallback:
+                continue
+            # The smallest of: the model, raw bits, and each classical codec allowed
+            choices = [(plane.mode, plane.payload)]
+            raw = pack_fields(plane.values.ravel(), np.full(plane.values.size, plane.bits))
+            choices.append((PlaneMode.RAW, struct.pack("<I", len(raw)) + raw))
+            if plane.bits <= CLASSICAL_MAX_BITS:
+                for name in options.classical_planes:
+                    try:
+                        stream = _classical_encode(CLASSICAL_MODES[name], plane.values, plane.bits)
+                    except Exception:  # a codec that refuses this plane is simply not a choice
+                        continue
+                    choices.append((CLASSICAL_MODES[name], struct.pack("<I", len(stream)) + stream))
+            plane.mode, plane.payload = min(choices, key=lambda choice: len(choice[1]))
 
     _run_batches(run, _batches(varying, options.batch), options.workers)
+
+
+def _sample_dtype(bits: int) -> np.dtype:
+    return np.dtype(np.uint8 if bits <= 8 else np.uint16)
+
+
+def _plane_samples(values: np.ndarray, bits: int) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=_sample_dtype(bits))
+
+
+def _classical_encode(mode: PlaneMode, values: np.ndarray, bits: int) -> bytes:
+    samples = _plane_samples(values, bits)
+    if mode == PlaneMode.JPEGLS:
+        # CharLS's output estimate is too small for noise: give it the raw size and a margin
+        return bytes(imagecodecs.jpegls_encode(samples, level=0, out=2 * samples.nbytes + 4096))
+    return bytes(
+        imagecodecs.jpegxl_encode(samples, lossless=True, effort=7, bitspersample=max(1, bits), numthreads=1)
+    )
+
+
+def _classical_decode(mode: PlaneMode, data: bytes, shape: tuple[int, int], bits: int) -> np.ndarray:
+    """Integer-exact by construction (lossless JPEG-LS / JPEG XL modular); checked against the
+    plane's shape and bit depth here and against the frame's SHA-256 afterwards."""
+    try:
+        if mode == PlaneMode.JPEGLS:
+            decoded = np.asarray(imagecodecs.jpegls_decode(data))
+        else:
+            decoded = np.asarray(imagecodecs.jpegxl_decode(data, numthreads=1))
+    except Exception as exc:  # the libraries raise their own error types
+        raise CorruptStreamError(f"{mode.name} plane could not be decoded: {type(exc).__name__}") from exc
+    if decoded.shape != shape or decoded.dtype != _sample_dtype(bits):
+        raise CorruptStreamError(f"{mode.name} plane has shape {decoded.shape} {decoded.dtype}, expected {shape}")
+    values = decoded.astype(np.int64)
+    if values.size and int(values.max()) >> bits:
+        raise CorruptStreamError(f"{mode.name} plane exceeds its {bits} bits")
+    return values
 
 
 def _run_batches(fn, batches: list[list[_Plane]], workers: int) -> None:  # type: ignore[no-untyped-def]
@@ -360,7 +417,7 @@ def _decode_frames(data: bytes, header: Header, frame_indices: Iterable[int], op
             body = memoryview(check_chunk(data, header, chunk_index))
             for s in range(d.samples):
                 target = planes[slot, top : top + h, left : left + w, s]
-                body = _parse_plane(body, (h, w), target, pending)
+                body = _parse_plane(body, (h, w), target, pending, header.version)
             if len(body):
                 raise CorruptStreamError(f"chunk {chunk_index} has {len(body)} trailing bytes")
     if pending:
@@ -395,17 +452,25 @@ def _read(body: memoryview, fmt: str) -> tuple[tuple[int, ...], memoryview]:
 
 
 def _parse_plane(
-    body: memoryview, shape: tuple[int, int], target: np.ndarray, pending: list[_PendingPlane]
+    body: memoryview, shape: tuple[int, int], target: np.ndarray, pending: list[_PendingPlane], version: int
 ) -> memoryview:
     (mode, minimum), body = _read(body, "<Bi")
     if mode == PlaneMode.CONSTANT:
         target[...] = minimum
         return body
-    if mode not in (PlaneMode.RAW, PlaneMode.MODEL):
-        raise CorruptStreamError(f"unknown plane mode {mode}")
+    known = (PlaneMode.RAW, PlaneMode.MODEL) + ((PlaneMode.JPEGLS, PlaneMode.JPEGXL) if version >= 2 else ())
+    if mode not in known:
+        raise CorruptStreamError(f"unknown plane mode {mode} in a version {version} stream")
     (bits,), body = _read(body, "<B")
     if not 1 <= bits <= 32:
         raise CorruptStreamError(f"invalid plane bit depth {bits}")
+    if mode in (PlaneMode.JPEGLS, PlaneMode.JPEGXL):
+        if bits > CLASSICAL_MAX_BITS:
+            raise CorruptStreamError(f"{PlaneMode(mode).name} plane of {bits} bits")
+        (n,), body = _read(body, "<I")
+        stream, body = _take(body, n)
+        target[...] = _classical_decode(PlaneMode(mode), stream, shape, bits) + minimum
+        return body
     if mode == PlaneMode.RAW:
         (n,), body = _read(body, "<I")
         raw, body = _take(body, n)

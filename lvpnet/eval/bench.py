@@ -36,8 +36,9 @@ import numpy as np
 GROUPS: tuple[str, ...] = ("CT", "MR", "CR/DX", "US", "MG", "other")
 OVERALL = "overall"
 _GROUP_OF = {"CT": "CT", "MR": "MR", "CR": "CR/DX", "DX": "CR/DX", "RG": "CR/DX", "US": "US", "MG": "MG"}
-SPLIT_PARTS = ("header", "z", "pixels", "raw", "plane_records")  # stream_stats keys; sum to len(data)
-PLANE_MODES = ("constant", "raw", "model")
+# stream_stats keys; sum to len(data).  classical: planes coded as JPEG-LS / JPEG XL by the per-tile choice
+SPLIT_PARTS = ("header", "z", "pixels", "raw", "classical", "plane_records")
+PLANE_MODES = ("constant", "raw", "model", "jpegls", "jpegxl")
 JXL = "jxl-e7"
 
 T = TypeVar("T")
@@ -229,7 +230,7 @@ def _frame_row(
     for model in models:
         entry = _lvpnet_row(array, bits_stored, color, model, options, repeat, samples)
         if model_only:
-            # The network on every plane (no raw fallback): what the model itself achieves.  One
+            # The network on every plane (no raw or classical fallback): what the model achieves.  One
             # timed run (not the median) to keep the extra cost down.
             only = replace(options, raw_fallback=False)
             entry["model_only"] = _lvpnet_row(array, bits_stored, color, model, only, 1, samples)

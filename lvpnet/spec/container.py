@@ -16,8 +16,10 @@ from enum import IntEnum
 from lvpnet.errors import CorruptStreamError, UnsupportedInputError, UnsupportedStreamError
 
 MAGIC = b"\x89LVP\r\n\x1a\n"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+# 2: plane records may also be JPEG-LS or JPEG XL codestreams (per-tile classical choice).  A
+# stream without such planes is still written as version 1, which every reader takes.
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 
 #: decompression-bomb guard: refuse streams describing more samples than this before allocating
 DEFAULT_MAX_SAMPLES = 1 << 30
@@ -125,6 +127,7 @@ class Header:
     frame_sha256: list[bytes]
     chunks: list[Chunk] = field(default_factory=list)
     header_length: int = 0  # bytes, set by parse/pack
+    version: int = FORMAT_VERSION
 
     def frame_chunks(self, frame: int) -> range:
         per = self.descriptor.tiles_per_frame
@@ -160,7 +163,9 @@ def pack_header(header: Header) -> bytes:
         ]
     )
     total = _FIXED.size + len(body) + 4
-    head = _FIXED.pack(MAGIC, FORMAT_VERSION, 0, total) + body
+    if header.version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"cannot write format version {header.version}")
+    head = _FIXED.pack(MAGIC, header.version, 0, total) + body
     return head + struct.pack("<I", zlib.crc32(head))
 
 
@@ -202,10 +207,11 @@ def parse_header(data: bytes, *, max_samples: int = DEFAULT_MAX_SAMPLES) -> Head
     (crc,) = struct.unpack_from("<I", data, total - 4)
     if zlib.crc32(data[: total - 4]) != crc:
         raise CorruptStreamError("header CRC mismatch")
-    return _parse_v1(data, total, max_samples)
+    # Versions 1 and 2 share the header layout; 2 only allows more plane modes in the chunks
+    return _parse_v1(data, total, max_samples, version)
 
 
-def _parse_v1(data: bytes, total: int, max_samples: int) -> Header:
+def _parse_v1(data: bytes, total: int, max_samples: int, version: int) -> Header:
     r = _Reader(data, _FIXED.size, total - 4)
     codec_id = r.string("codec id")
     weights_sha = r.take(32, "weights SHA-256")
@@ -234,7 +240,7 @@ def _parse_v1(data: bytes, total: int, max_samples: int) -> Header:
         raise CorruptStreamError(f"payload has {payload_length - expected_offset} bytes beyond the last chunk")
     if r.pos != r.end:
         raise CorruptStreamError("unexpected bytes at the end of the header")
-    return Header(codec_id, weights_sha, coder_version, descriptor, raw_sha, frame_sha, chunks, total)
+    return Header(codec_id, weights_sha, coder_version, descriptor, raw_sha, frame_sha, chunks, total, version)
 
 
 def _check_descriptor(d: Descriptor, max_samples: int) -> None:

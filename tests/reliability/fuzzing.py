@@ -109,7 +109,7 @@ class CodecTarget:
 
     def __init__(self, images: int) -> None:
         from lvpnet import compress
-        from lvpnet.codec import CodecOptions
+        from lvpnet.codec import CodecOptions, stream_stats
 
         self.bases: list[tuple[bytes, np.ndarray]] = []
         for model in CODEC_MODELS:
@@ -117,6 +117,13 @@ class CodecTarget:
                 # raw_fallback=False: the model codes every varying plane, so its decoder is fuzzed too
                 stream = compress(image, model=model, options=CodecOptions(raw_fallback=False), **kwargs)
                 self.bases.append((stream, image))
+        # The per-tile choice: streams whose planes are JPEG-LS / JPEG XL codestreams (format 2)
+        for image, kwargs in _images()[:images]:
+            for classical in (("jpegls",), ("jpegxl",)):
+                options = CodecOptions(classical_planes=classical)
+                stream = compress(image, model=CODEC_MODELS[0], options=options, **kwargs)
+                if any(stream_stats(stream)[f"planes_{name}"] for name in classical):
+                    self.bases.append((stream, image))
 
     def check(self, data: bytes, base: int) -> tuple[str, str]:
         from lvpnet import decompress

@@ -1,0 +1,113 @@
+"""The per-tile choice: a plane is stored as JPEG-LS or JPEG XL where that is smaller than the
+model (format version 2), decodes exactly, and is never larger than the classical codestream;
+streams without such planes stay version 1; damaged or misplaced classical planes are errors."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import replace
+
+import imagecodecs
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lvpnet import compress, decompress
+from lvpnet.codec import CodecOptions, PlaneMode, stream_stats
+from lvpnet.errors import CorruptStreamError
+from lvpnet.spec.container import Chunk, pack_header, parse_header
+from lvpnet.zoo import ModelBundle
+from tests.lvpnet.synthetic import DTYPES, smooth_image
+
+
+def _palette_image(rng: np.random.Generator) -> np.ndarray:
+    """Few distinct values in flat regions (a rendered overlay, an ultrasound frame's surround):
+    where a learned per-pixel model loses to the classical coders."""
+    image = np.zeros((96, 80), np.uint8)
+    image[10:40, 5:70] = 200
+    image[50:90, 20:60] = 90
+    image[60:70, :] = rng.integers(0, 4, (10, 80)) * 60
+    return image
+
+
+def test_classical_planes_win_where_smaller_and_round_trip(seeded: ModelBundle) -> None:
+    image = _palette_image(np.random.default_rng(3))
+    stream = compress(image, model=seeded.name)
+    stats = stream_stats(stream)
+    assert stats["planes_jpegls"] + stats["planes_jpegxl"] == 1 and stats["planes_model"] == 0
+    assert parse_header(stream).version == 2
+    assert np.array_equal(decompress(stream), image)
+    # Never more than the plane's own classical codestream plus the stream's framing
+    framing = stats["header"] + stats["plane_records"]
+    jpegls = len(imagecodecs.jpegls_encode(image - image.min(), level=0))
+    assert len(stream) <= framing + jpegls
+
+    learned_only = compress(image, model=seeded.name, options=CodecOptions(classical_planes=()))
+    assert parse_header(learned_only).version == 1  # readable by every earlier reader
+    assert len(learned_only) > len(stream)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(list(DTYPES)),
+    st.integers(1, 50),
+    st.integers(1, 50),
+    st.sampled_from([("jpegls",), ("jpegxl",)]),
+    st.integers(0, 2**32 - 1),
+)
+def test_each_classical_mode_round_trips_any_depth(
+    seeded: ModelBundle, dtype: str, rows: int, cols: int, classical: tuple[str, ...], seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    full = 8 if dtype.endswith("8") else 16
+    image = smooth_image(rng, (rows, cols), dtype, full)
+    # Model coding off in effect: the classical codec or raw bits must carry every plane
+    stream = compress(image, model=seeded.name, options=CodecOptions(classical_planes=classical))
+    assert np.array_equal(decompress(stream), image) and decompress(stream).dtype == image.dtype
+
+
+def _first_plane(stream: bytes) -> tuple[int, int]:
+    """(offset of the first chunk's payload, its plane mode)."""
+    header = parse_header(stream)
+    offset = header.header_length + header.chunks[0].offset
+    return offset, stream[offset]
+
+
+def _rechunk(stream: bytes, payload: bytes, version: int | None = None) -> bytes:
+    """The stream with its single chunk replaced (CRC and table consistent)."""
+    header = parse_header(stream)
+    assert len(header.chunks) == 1
+    header = replace(header, chunks=[Chunk(0, len(payload), zlib.crc32(payload))])
+    if version is not None:
+        header = replace(header, version=version)
+    return pack_header(header) + payload
+
+
+def test_damaged_or_misplaced_classical_planes_are_errors(seeded: ModelBundle) -> None:
+    image = _palette_image(np.random.default_rng(4))
+    for name, mode in (("jpegls", PlaneMode.JPEGLS), ("jpegxl", PlaneMode.JPEGXL)):
+        stream = compress(image, model=seeded.name, options=CodecOptions(classical_planes=(name,)))
+        offset, found = _first_plane(stream)
+        assert found == mode
+        payload = bytearray(stream[offset:])
+        # A flip inside the codestream, CRC recomputed: the decoder or the SHA-256 refuses it
+        for position in (12, len(payload) // 2, len(payload) - 3):
+            damaged = bytearray(payload)
+            damaged[position] ^= 0x21
+            with pytest.raises(CorruptStreamError):
+                decompress(_rechunk(stream, bytes(damaged)))
+        # Mode 3/4 in a version 1 stream: not a plane that version can hold
+        with pytest.raises(CorruptStreamError, match="version 1"):
+            decompress(_rechunk(stream, bytes(payload), version=1))
+        # A bit depth past what the classical codecs take
+        too_wide = bytearray(payload)
+        too_wide[5] = 17
+        with pytest.raises(CorruptStreamError):
+            decompress(_rechunk(stream, bytes(too_wide)))
+        # A codestream of another shape (the plane record says 96 x 80)
+        other = bytes(imagecodecs.jpegls_encode(np.zeros((8, 8), np.uint8), level=0))
+        wrong_shape = bytes(payload[:6]) + struct.pack("<I", len(other)) + other
+        with pytest.raises(CorruptStreamError):
+            decompress(_rechunk(stream, wrong_shape))
