@@ -42,7 +42,10 @@ def parse_accept(header: str | None) -> list[MediaRange]:
         return [MediaRange("*/*", {}, 1.0)]
     ranges = []
     for item in _split_outside_quotes(header, ","):
-        media, *raw_params = _split_outside_quotes(item, ";")
+        pieces = _split_outside_quotes(item, ";")
+        if not pieces:  # ";" alone: no media range (unpacking it was a ValueError, a 500)
+            continue
+        media, *raw_params = pieces
         params: dict[str, str] = {}
         for raw in raw_params:
             name, _, value = raw.partition("=")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.audit import Actor
@@ -32,7 +33,22 @@ def _unauthorized(reason: str) -> HTTPException:
     return HTTPException(401, reason, headers={"WWW-Authenticate": 'Bearer realm="lvpnet-archive"'})
 
 
-def get_principal(request: Request, runtime: RuntimeDep) -> Principal:
+# For the OpenAPI schema only (securitySchemes): the header and the cookie are read below
+API_KEY = HTTPBearer(auto_error=False, scheme_name="apiKey", description="An API key: `Authorization: Bearer lvpa_...`")
+SESSION = APIKeyCookie(
+    name=SESSION_COOKIE,
+    auto_error=False,
+    scheme_name="dashboardSession",
+    description="The dashboard session (admin); requests that change state also need `X-Requested-With`",
+)
+
+
+def get_principal(
+    request: Request,
+    runtime: RuntimeDep,
+    _key: Annotated[HTTPAuthorizationCredentials | None, Security(API_KEY)] = None,
+    _session: Annotated[str | None, Security(SESSION)] = None,
+) -> Principal:
     """Bearer API key, or the dashboard's session cookie.  401 when neither is valid."""
     if not runtime.settings.require_auth:
         principal = Principal("anonymous", Role.ADMIN, "anonymous")

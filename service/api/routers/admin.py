@@ -8,16 +8,18 @@ import csv
 import io
 import logging
 import urllib.parse
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RuntimeDep, SessionDep, actor_of, require
+from service.api.schemas import AUTH, LOCATION, CsvResponse, content, reasons
 from service.audit import Actor
 from service.audit import event as audit_event
 from service.catalog import admin as figures
@@ -41,8 +43,15 @@ LOGGER = logging.getLogger(__name__)
 DASHBOARD = Path(__file__).resolve().parent.parent.parent / "dashboard"
 AdminDep = Annotated[Principal, Depends(require(Role.ADMIN))]
 
+LOGIN_BODY_LIMIT = 4096  # one urlencoded field
+MAX_OFFSET = 999_999_999  # as QIDO-RS's offset
 pages = APIRouter(prefix="/admin", tags=["dashboard"])
-api = APIRouter(prefix="/admin/api", tags=["admin"], dependencies=[Depends(require(Role.ADMIN))])
+api = APIRouter(prefix="/admin/api", tags=["admin"], dependencies=[Depends(require(Role.ADMIN))], responses=AUTH)
+HTML = {200: content({"text/html": {"type": "string"}}, "The page")}
+
+
+def _redirect(description: str) -> dict[int | str, dict[str, Any]]:
+    return {303: {"description": description, "headers": LOCATION}}
 
 
 # ------------------------------------------------------------------------------ pages
@@ -56,7 +65,7 @@ def _session_principal(request: Request, runtime: Any) -> Principal | None:
     return principal if principal is not None and principal.role == Role.ADMIN else None
 
 
-@pages.get("", response_class=HTMLResponse)
+@pages.get("", response_class=HTMLResponse, responses={**HTML, **_redirect("No admin session: to /admin/login")})
 def dashboard(request: Request, runtime: RuntimeDep) -> Response:
     if _session_principal(request, runtime) is None:
         return RedirectResponse("/admin/login", status_code=303)
@@ -70,10 +79,33 @@ def login_page(error: str = "") -> HTMLResponse:
     return HTMLResponse(page.replace("<!--error-->", message))
 
 
-@pages.post("/login")
+@pages.post(
+    "/login",
+    status_code=303,
+    response_class=RedirectResponse,
+    responses={
+        **_redirect("To /admin with a session cookie, or back to /admin/login?error=1"),
+        **reasons(413, e413=f"A body over {LOGIN_BODY_LIMIT} bytes"),
+    },
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "schema": {"type": "object", "properties": {"secret": {"type": "string"}}}
+                }
+            }
+        }
+    },
+)
 async def login(request: Request, runtime: RuntimeDep) -> Response:
-    # A urlencoded form, parsed here: python-multipart is not needed for one field
-    form = urllib.parse.parse_qs((await request.body())[:4096].decode("utf-8", "replace"))
+    # A urlencoded form, parsed here: python-multipart is not needed for one field.  Read no more
+    # than that can take: anyone may post here
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > LOGIN_BODY_LIMIT:
+            return JSONResponse({"detail": "login form too large"}, status_code=413)
+    form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
     secret = form.get("secret", [""])[0]
     return await run_in_threadpool(_login, request, runtime, secret)
 
@@ -103,14 +135,26 @@ def _login(request: Request, runtime: Any, secret: str) -> Response:
     return response
 
 
-@pages.post("/logout")
+@pages.post(
+    "/logout",
+    status_code=303,
+    response_class=RedirectResponse,
+    responses=_redirect("To /admin/login, the session cookie cleared"),
+)
 def logout() -> Response:
     response = RedirectResponse("/admin/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
 
 
-@pages.get("/static/{name}")
+@pages.get(
+    "/static/{name}",
+    response_class=FileResponse,
+    responses={
+        200: content({"text/javascript": {"type": "string"}, "text/css": {"type": "string"}}, "The file"),
+        **reasons(404),
+    },
+)
 def static(name: str) -> Response:
     allowed = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
     if name not in allowed:
@@ -162,7 +206,7 @@ def studies(
     return figures.search_studies(session, q.strip(), limit)
 
 
-@api.get("/studies/{study}")
+@api.get("/studies/{study}", responses=reasons(400, 404, e400="Malformed Study Instance UID"))
 def study(study: str, session: SessionDep) -> dict[str, Any]:
     if not is_valid_uid(study):
         raise HTTPException(400, "malformed Study Instance UID")
@@ -182,7 +226,8 @@ def _audit_filters(
     action: Annotated[str | None, Query(max_length=16)] = None,
     study: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=100000)] = 200,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    # Bounded: a database integer (SQLite, PostgreSQL bigint) overflows at 2**63, and that was a 500
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> dict[str, Any]:
     return {"actor": actor, "action": action, "study": study, "limit": limit, "offset": offset}
 
@@ -192,7 +237,7 @@ def audit(session: SessionDep, filters: Annotated[dict[str, Any], Depends(_audit
     return figures.audit_events(session, **filters)
 
 
-@api.get("/audit.csv")
+@api.get("/audit.csv", response_class=CsvResponse, responses={200: content({"text/csv": {"type": "string"}}, "CSV")})
 def audit_csv(session: SessionDep, filters: Annotated[dict[str, Any], Depends(_audit_filters)]) -> Response:
     rows = figures.audit_events(session, **filters)
     buffer = io.StringIO()
@@ -207,9 +252,17 @@ def audit_csv(session: SessionDep, filters: Annotated[dict[str, Any], Depends(_a
     )
 
 
+KEY_NAME = r"^[A-Za-z0-9._@-]+$"
+
+
 class KeyRequest(BaseModel):
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
+    name: str = Field(min_length=1, max_length=64, pattern=KEY_NAME)
     role: Role
+
+
+def _iso(value: datetime) -> str:
+    """UTC with its offset, also from SQLite (which keeps no time zone)."""
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
 
 
 @api.get("/keys")
@@ -219,16 +272,54 @@ def keys(session: SessionDep) -> list[dict[str, Any]]:
             "name": k.name,
             "role": k.role,
             "prefix": k.prefix,
-            "created_at": k.created_at.isoformat(),
+            "created_at": _iso(k.created_at),
             "revoked": k.revoked_at is not None,
-            "last_used_at": k.last_used_at.isoformat() if k.last_used_at else None,
+            "last_used_at": _iso(k.last_used_at) if k.last_used_at else None,
         }
         for k in session.scalars(select(ApiKey).order_by(ApiKey.id))
     ]
 
 
-@api.post("/keys", status_code=201)
-def new_key(body: KeyRequest, request: Request, session: SessionDep) -> dict[str, str]:
+async def _key_request(request: Request) -> KeyRequest:
+    """The body, read only once the caller is known to be an admin (a dependency runs after the
+    router's; a body parameter would be read, and refused, before the credentials are looked at)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > LOGIN_BODY_LIMIT:
+            raise HTTPException(413, "body too large")
+    try:
+        return KeyRequest.model_validate_json(bytes(body))
+    except ValidationError as exc:
+        where = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+        raise HTTPException(400, where) from None
+
+
+@api.post(
+    "/keys",
+    status_code=201,
+    responses=reasons(400, 409, 413, e409="A key of that name exists", e413="A body over 4096 bytes"),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["name", "role"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": KEY_NAME},
+                            "role": {"type": "string", "enum": [str(role) for role in Role]},
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+def new_key(
+    body: Annotated[KeyRequest, Depends(_key_request)], request: Request, session: SessionDep
+) -> dict[str, str]:
     try:
         key = create_key(session, body.name, body.role)
     except ValueError as exc:
@@ -238,13 +329,16 @@ def new_key(body: KeyRequest, request: Request, session: SessionDep) -> dict[str
     return {"name": body.name, "role": str(body.role), "key": key}
 
 
-@api.delete("/keys/{name}")
+@api.delete("/keys/{name}", responses=reasons(404, e404="No active key of that name"))
 def delete_key(name: str, request: Request, session: SessionDep) -> dict[str, str]:
     if not revoke_key(session, name):
         raise HTTPException(404, "no such active key")
     session.add(audit_event(actor_of(request), "admin", "keys", detail=f"revoked key {name}"))
     session.commit()
     return {"revoked": name}
+
+
+DELETE_RESPONSES = reasons(400, 404, e400="Malformed UID", e404="Nothing of that UID is held")
 
 
 async def _delete(level: str, uid: str, request: Request, runtime: Any, reason: str | None) -> JSONResponse:
@@ -274,16 +368,16 @@ async def _delete(level: str, uid: str, request: Request, runtime: Any, reason: 
     return JSONResponse({"level": level, "uid": uid, "instances": removed, "objects_deleted": len(orphans)})
 
 
-@api.delete("/studies/{uid}")
+@api.delete("/studies/{uid}", responses=DELETE_RESPONSES)
 async def delete_study(uid: str, request: Request, runtime: RuntimeDep, reason: str | None = None) -> JSONResponse:
     return await _delete("study", uid, request, runtime, reason)
 
 
-@api.delete("/series/{uid}")
+@api.delete("/series/{uid}", responses=DELETE_RESPONSES)
 async def delete_series(uid: str, request: Request, runtime: RuntimeDep, reason: str | None = None) -> JSONResponse:
     return await _delete("series", uid, request, runtime, reason)
 
 
-@api.delete("/instances/{uid}")
+@api.delete("/instances/{uid}", responses=DELETE_RESPONSES)
 async def delete_instance(uid: str, request: Request, runtime: RuntimeDep, reason: str | None = None) -> JSONResponse:
     return await _delete("instance", uid, request, runtime, reason)

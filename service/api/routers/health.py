@@ -7,11 +7,12 @@ import os
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from sqlalchemy import text
 
 from service.api.deps import PrincipalDep, RuntimeDep
+from service.api.schemas import AUTH, content
 from service.catalog_metrics import CatalogCollector, register_catalog_collector
 
 LOGGER = logging.getLogger(__name__)
@@ -33,7 +34,16 @@ def _check(name: str, probe: Any) -> tuple[str, str]:
         return name, f"unreachable ({type(exc).__name__})"
 
 
-@router.get("/readyz")
+READINESS = {"type": "object", "properties": {"ready": {"type": "boolean"}, "checks": {"type": "object"}}}
+
+
+@router.get(
+    "/readyz",
+    responses={
+        200: content({"application/json": READINESS}, "Ready"),
+        503: content({"application/json": READINESS}, "A dependency is unreachable (named in `checks`)"),
+    },
+)
 def readiness(runtime: RuntimeDep) -> JSONResponse:
     """Database, object store and (distributed mode) broker reachable: 200, else 503."""
 
@@ -57,7 +67,11 @@ def readiness(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse({"ready": ready, "checks": results}, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: content({"text/plain": {"type": "string"}}, "Prometheus text format"), **AUTH},
+)
 def metrics(runtime: RuntimeDep, _: PrincipalDep) -> Response:
     """Any authenticated caller (a Prometheus scraper gets a reader key).  Under `serve`, the
     workers' counters and histograms are merged in (prometheus-client multiprocess mode)."""

@@ -14,6 +14,15 @@ from pydicom.dataset import Dataset
 
 from service.api.accept import accepts_json
 from service.api.deps import SessionDep, actor_of, require
+from service.api.schemas import (
+    AUTH,
+    DICOM_JSON_ARRAY,
+    QIDO_PARAMETERS,
+    WARNING,
+    DicomJSONResponse,
+    content,
+    dicomweb_errors,
+)
 from service.audit import event as audit_event
 from service.catalog.query import MORE_RESULTS_WARNING, Level, QueryError, parse_qido, scope_exists, search_page
 from service.dicomfile import is_valid_uid
@@ -21,8 +30,20 @@ from service.logs import fields
 from service.security import Role
 
 LOGGER = logging.getLogger(__name__)
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require(Role.READER))])
 DICOM_JSON = "application/dicom+json"
+router = APIRouter(
+    prefix="/dicomweb",
+    tags=["qido-rs"],
+    dependencies=[Depends(require(Role.READER))],
+    default_response_class=DicomJSONResponse,
+    responses={
+        200: content({DICOM_JSON: DICOM_JSON_ARRAY}, "The matches (`[]` when none)", headers=WARNING),
+        **AUTH,
+        **dicomweb_errors(400, 406, e400="An unknown parameter, a malformed value, limit or offset, or UID"),
+    },
+)
+SEARCH = {"openapi_extra": {"parameters": QIDO_PARAMETERS}}
+SCOPED = {**SEARCH, "responses": dicomweb_errors(404, e404="The study (or series) in the path holds nothing visible")}
 WARN_AGENT = "lvpnet-archive"
 
 
@@ -92,31 +113,31 @@ def _search(request: Request, session: Any, level: Level, scope: dict[str, str])
 # Plain `def`: FastAPI runs these (and the session dependency) in its threadpool
 
 
-@router.get("/studies")
+@router.get("/studies", **SEARCH)
 def search_studies(request: Request, session: SessionDep) -> Response:
     return _search(request, session, Level.STUDY, {})
 
 
-@router.get("/series")
+@router.get("/series", **SEARCH)
 def search_series(request: Request, session: SessionDep) -> Response:
     return _search(request, session, Level.SERIES, {})
 
 
-@router.get("/instances")
+@router.get("/instances", **SEARCH)
 def search_instances(request: Request, session: SessionDep) -> Response:
     return _search(request, session, Level.IMAGE, {})
 
 
-@router.get("/studies/{study}/series")
+@router.get("/studies/{study}/series", **SCOPED)
 def search_study_series(study: str, request: Request, session: SessionDep) -> Response:
     return _search(request, session, Level.SERIES, {"StudyInstanceUID": study})
 
 
-@router.get("/studies/{study}/instances")
+@router.get("/studies/{study}/instances", **SCOPED)
 def search_study_instances(study: str, request: Request, session: SessionDep) -> Response:
     return _search(request, session, Level.IMAGE, {"StudyInstanceUID": study})
 
 
-@router.get("/studies/{study}/series/{series}/instances")
+@router.get("/studies/{study}/series/{series}/instances", **SCOPED)
 def search_series_instances(study: str, series: str, request: Request, session: SessionDep) -> Response:
     return _search(request, session, Level.IMAGE, {"StudyInstanceUID": study, "SeriesInstanceUID": series})

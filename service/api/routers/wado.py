@@ -25,6 +25,15 @@ from starlette.concurrency import run_in_threadpool
 from service import metrics
 from service.api.accept import DICOM, DICOM_JSON, OCTET_STREAM, NotAcceptable, Packaging, accepts_json, negotiate
 from service.api.deps import RuntimeDep, actor_of, require
+from service.api.schemas import (
+    AUTH,
+    BINARY,
+    DICOM_JSON_ARRAY,
+    DicomJSONResponse,
+    MultipartResponse,
+    content,
+    dicomweb_errors,
+)
 from service.audit import Actor
 from service.dicomfile import is_valid_uid
 from service.dicomweb import ResourceError, bulkdata, frames, metadata, parse_frame_list
@@ -41,8 +50,40 @@ from service.security import Role
 from service.transcode import ORIGINAL, TRANSCODE_TARGETS, TranscodeError, transcode
 
 LOGGER = logging.getLogger(__name__)
-router = APIRouter(prefix="/dicomweb", tags=["wado-rs"], dependencies=[Depends(require(Role.READER))])
 RETRY_AFTER_SECONDS = 5
+router = APIRouter(
+    prefix="/dicomweb",
+    tags=["wado-rs"],
+    dependencies=[Depends(require(Role.READER))],
+    default_response_class=MultipartResponse,
+    responses={
+        **AUTH,
+        **dicomweb_errors(
+            400,
+            404,
+            406,
+            500,
+            503,
+            e400="Malformed UID in the path (or frame list, or tag)",
+            e404="No such study, series or instance (or frame, or element)",
+        ),
+    },
+)
+_PARTS = "multipart/related (type in the Content-Type parameter), one part per instance, streamed"
+INSTANCES = {"responses": {200: content({"multipart/related": BINARY}, _PARTS)}}
+ONE_INSTANCE = {
+    "responses": {
+        200: content(
+            {"multipart/related": BINARY, DICOM: BINARY},
+            "The instance: multipart/related, or application/dicom when Accept asks for a single part",
+        )
+    }
+}
+METADATA = {
+    "response_class": DicomJSONResponse,
+    "responses": {200: content({DICOM_JSON: DICOM_JSON_ARRAY}, "DICOM JSON, one object per instance")},
+}
+OCTETS = {"responses": {200: content({"multipart/related": BINARY}, "application/octet-stream parts, little endian")}}
 
 
 @dataclass(frozen=True)
@@ -239,17 +280,17 @@ async def _stream(
             pending.cancel()
 
 
-@router.get("/studies/{study}")
+@router.get("/studies/{study}", **INSTANCES)
 async def retrieve_study(study: str, request: Request, runtime: RuntimeDep) -> Response:
     return await _retrieve(request, runtime, study, None, None)
 
 
-@router.get("/studies/{study}/series/{series}")
+@router.get("/studies/{study}/series/{series}", **INSTANCES)
 async def retrieve_series(study: str, series: str, request: Request, runtime: RuntimeDep) -> Response:
     return await _retrieve(request, runtime, study, series, None)
 
 
-@router.get("/studies/{study}/series/{series}/instances/{sop}")
+@router.get("/studies/{study}/series/{series}/instances/{sop}", **ONE_INSTANCE)
 async def retrieve_instance(study: str, series: str, sop: str, request: Request, runtime: RuntimeDep) -> Response:
     return await _retrieve(request, runtime, study, series, sop)
 
@@ -280,17 +321,17 @@ async def _metadata(request: Request, runtime: Any, study: str, series: str | No
     return JSONResponse(items, media_type=DICOM_JSON)
 
 
-@router.get("/studies/{study}/metadata")
+@router.get("/studies/{study}/metadata", **METADATA)
 async def study_metadata(study: str, request: Request, runtime: RuntimeDep) -> Response:
     return await _metadata(request, runtime, study, None, None)
 
 
-@router.get("/studies/{study}/series/{series}/metadata")
+@router.get("/studies/{study}/series/{series}/metadata", **METADATA)
 async def series_metadata(study: str, series: str, request: Request, runtime: RuntimeDep) -> Response:
     return await _metadata(request, runtime, study, series, None)
 
 
-@router.get("/studies/{study}/series/{series}/instances/{sop}/metadata")
+@router.get("/studies/{study}/series/{series}/instances/{sop}/metadata", **METADATA)
 async def instance_metadata(study: str, series: str, sop: str, request: Request, runtime: RuntimeDep) -> Response:
     return await _metadata(request, runtime, study, series, sop)
 
@@ -349,7 +390,7 @@ async def _octets(
     )
 
 
-@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}")
+@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}", **OCTETS)
 async def retrieve_frames(
     study: str, series: str, sop: str, frame_list: str, request: Request, runtime: RuntimeDep
 ) -> Response:
@@ -362,7 +403,7 @@ async def retrieve_frames(
     )
 
 
-@router.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}")
+@router.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}", **OCTETS)
 async def retrieve_bulkdata(
     study: str, series: str, sop: str, tag: str, request: Request, runtime: RuntimeDep
 ) -> Response:
