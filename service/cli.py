@@ -219,6 +219,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         make_enqueue(settings.broker_url),
         settings.lease_seconds,
         settings.sweep_interval_seconds,
+        # Embedded workers poll the catalog and take expired leases themselves: re-enqueueing would
+        # only rewrite every waiting row each sweep (bench/load.md, finding 1).  With a broker, a
+        # lost message is re-sent.
+        requeue=bool(settings.broker_url),
         incoming_dir=settings.incoming_dir,
         incoming_stale_seconds=settings.incoming_stale_seconds,
         store=runtime.store,

@@ -3,10 +3,14 @@ copy of an instance that is not archived yet."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import time
 from pathlib import Path
+
+import pydicom
+from sqlalchemy import select
 
 from service.catalog.tables import Instance
 from service.config import Settings
@@ -14,7 +18,7 @@ from service.db import make_engine, make_session_factory, migrate
 from service.ingest import Ingestor
 from service.storage.filesystem import FilesystemStore
 from service.sweeper import clean_incoming, clean_staging
-from tests.archive_support import ct_dataset, part10_bytes, start_serve
+from tests.archive_support import ct_dataset, part10_bytes, start_serve, stow
 from worker.pipeline import WorkerContext, archive_instance
 
 HOUR = 3600.0
@@ -126,3 +130,27 @@ def test_staged_copies_no_row_names_are_removed_when_safe(tmp_path: Path, databa
         waiting_key = session.get(Instance, waiting.instance_id).staging_key  # type: ignore[union-attr]
     assert list(store.iter_keys("staging/")) == [waiting_key]
     assert archive_instance(WorkerContext(settings, factory, store, "worker"), waiting.instance_id) == "archived"
+
+
+def test_embedded_serve_does_not_rewrite_waiting_rows(tmp_path: Path, sqlite_url: str) -> None:
+    """Embedded workers take waiting rows by polling; the sweeper must not "re-enqueue" them (with
+    no broker that only rewrote every waiting row each sweep: bench/load.md, finding 1)."""
+    archive = start_serve(tmp_path, sqlite_url, embedded_workers=0, lease_seconds=1, sweep_interval_seconds=0.5)
+    try:
+        source = part10_bytes(ct_dataset(seed=95))
+        ds_uid = pydicom.dcmread(io.BytesIO(source)).SOPInstanceUID
+        assert stow(archive.http, [source]).status_code == 200
+        engine = make_engine(sqlite_url)
+        try:
+            with make_session_factory(engine)() as session:
+                first = session.scalars(select(Instance.lease_expires_at)).all()
+            time.sleep(4)  # 8 sweeps, the lease long expired
+            with make_session_factory(engine)() as session:
+                row = session.scalars(select(Instance).where(Instance.sop_instance_uid == str(ds_uid))).one()
+                assert row.state == "received"
+                assert [row.lease_expires_at] == list(first)
+        finally:
+            engine.dispose()
+        assert "re-enqueued stuck instances" not in archive.log()
+    finally:
+        archive.stop()
