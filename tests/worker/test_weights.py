@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lvpnet import compress, decompress
+from lvpnet.codec import CodecOptions, stream_stats
 from lvpnet.errors import UnsupportedStreamError, WeightsError
 from lvpnet.model.configs import CONFIGS
 from lvpnet.zoo import ZOO, seeded_model
@@ -54,7 +55,8 @@ def test_a_zoo_without_the_weights_decodes_from_the_store(tmp_path: Path) -> Non
     bundle = seeded_model(CONFIGS["lvpnet-ctx"], seed=5, name=name)
     ZOO.register(bundle)
     image = (np.arange(48 * 40, dtype=np.uint16).reshape(48, 40) * 7 % 4096).astype(np.uint16)
-    stream = compress(image, bits_stored=12, model=name)
+    stream = compress(image, bits_stored=12, model=name, options=CodecOptions(raw_fallback=False))
+    assert stream_stats(stream)["planes_model"] > 0  # decoding needs the weights
     store = FilesystemStore(tmp_path / "store")
     weights.ensure_stored(store, name, bundle.sha256)
     weights.ensure_stored(store, name, bundle.sha256)  # known now: not written twice
