@@ -38,10 +38,11 @@ test: install lint dcmtk browser
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider --durations=25
 
 # Long versions of the reliability tests: 1,000 damaged codec streams, 1,000 damaged archive
-# records, 1,000 damaged records served through WADO-RS (the short runs in `test` use a few
-# hundred); summaries land in var/soak/*.json.
+# records, 1,000 damaged records served through WADO-RS, 5,000 mutated DICOM files through each of
+# C-STORE and STOW-RS (the short runs in `test` use a few hundred); summaries land in var/soak/.
 soak: install
-	FUZZ_INPUTS=1000 RECORD_FUZZ_INPUTS=1000 RETRIEVAL_FUZZ_INPUTS=1000 FUZZ_REPORT_DIR=var/soak \
+	FUZZ_INPUTS=1000 RECORD_FUZZ_INPUTS=1000 RETRIEVAL_FUZZ_INPUTS=1000 DICOM_FUZZ_INPUTS=5000 \
+		FUZZ_REPORT_DIR=var/soak DICOM_FUZZ_REPORT_DIR=var/soak \
 		$(PY) -m pytest -q -p no:cacheprovider tests/reliability
 
 clean:

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID
 
-from lvpnet.imageio import NATIVE_TRANSFER_SYNTAXES, pixel_layout
+from lvpnet.imageio import DEFLATED_EXPLICIT_VR_LE, NATIVE_TRANSFER_SYNTAXES, pixel_layout
 
 # Real equipment writes UIDs with leading zeros, hex digits, even words and spaces (a GDCM sample
 # has SeriesInstanceUID "REM SAMPLES 1").  A PACS admin forwarding a study expects the archive to
@@ -45,6 +47,11 @@ class UnsupportedTransferSyntax(InvalidInstance):
     pass
 
 
+class SopClassMismatch(InvalidInstance):
+    """The data set's SOP Class UID is not the one the object was sent as (C-STORE's Affected SOP
+    Class UID, which is the file meta's Media Storage SOP Class UID): PS3.4 status 0xA900."""
+
+
 def is_valid_uid(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and UID_PATTERN.match(value) is not None
 
@@ -54,6 +61,7 @@ class FileMeta:
     dataset_offset: int  # byte offset of the first dataset element
     transfer_syntax_uid: str
     media_storage_sop_instance_uid: str | None
+    media_storage_sop_class_uid: str | None = None
 
 
 def read_file_meta(head: bytes) -> FileMeta:
@@ -82,7 +90,8 @@ def read_file_meta(head: bytes) -> FileMeta:
     if not syntax:
         raise InvalidInstance("file meta information has no Transfer Syntax UID")
     media_uid = values.get(0x0003, b"").rstrip(b"\x00 ").decode("ascii", "replace") or None
-    return FileMeta(offset, syntax, media_uid)
+    media_class = values.get(0x0002, b"").rstrip(b"\x00 ").decode("ascii", "replace") or None
+    return FileMeta(offset, syntax, media_uid, media_class)
 
 
 @dataclass(frozen=True)
@@ -191,7 +200,7 @@ def inspect_file(path: Path, *, expected_sop_instance_uid: str | None = None) ->
     if not known_transfer_syntax(meta.transfer_syntax_uid):
         raise UnsupportedTransferSyntax("unknown transfer syntax")
     try:
-        ds = _read_dataset(path)
+        ds = _read_dataset(path, deflated=meta.transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LE)
     except InvalidInstance:
         raise
     except Exception as exc:  # pydicom raises a zoo of exception types on damaged input
@@ -208,10 +217,18 @@ def inspect_file(path: Path, *, expected_sop_instance_uid: str | None = None) ->
     ):
         if value is None:
             raise InvalidInstance(f"missing {keyword}")
-        if not is_valid_uid(value):
+        # _text drops NULs anywhere; a UID may only be padded with one at the end ("1.2\x003" is not "1.23")
+        if not is_valid_uid(value) or "\x00" in str(ds.get(keyword, "")).rstrip("\x00 "):
             raise InvalidInstance(f"malformed {keyword} (letters and digits between single dots or spaces; 64 at most)")
     if expected_sop_instance_uid is not None and sop_instance_uid != expected_sop_instance_uid:
         raise InvalidInstance("SOP Instance UID in the dataset differs from the request's")
+    # The file meta names the SOP class too (for C-STORE it is the request's Affected SOP Class UID).
+    # (A stale Media Storage SOP Instance UID is seen in real files and tolerated: the data set's
+    # UID is the one catalogued.)
+    if meta.media_storage_sop_class_uid is not None and meta.media_storage_sop_class_uid != _text(
+        ds, "SOPClassUID", 200
+    ):
+        raise SopClassMismatch("SOP Class UID in the dataset differs from the request's (file meta's)")
 
     _check_pixel_data(ds, meta)
     digests = digest_file(path, meta.dataset_offset)
@@ -259,44 +276,114 @@ def inspect_file(path: Path, *, expected_sop_instance_uid: str | None = None) ->
     return facts
 
 
-def _read_dataset(path: Path) -> pydicom.Dataset:
-    # defer_size keeps pixel data on disk; every element is still walked, so a truncated
-    # dataset fails here rather than in the worker.
-    ds = pydicom.dcmread(path, defer_size=256 * 1024)
-    _walk(ds)
+def _read_dataset(path: Path, *, deflated: bool = False) -> pydicom.Dataset:
+    # defer_size keeps large values (the pixel data) on disk; every other element is still
+    # converted, nested sequences too, so a damaged dataset fails here rather than in the worker.
+    # (A deflated data set is inflated in memory by pydicom: its offsets are not file offsets.)
+    ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
+    _walk(ds, None if deflated else path.stat().st_size)
     return ds
 
 
-def _walk(ds: pydicom.Dataset) -> None:
-    """Touch every element (nested sequences too), so damage anywhere raises now."""
-    for element in ds:
+DEFER_BYTES = 256 * 1024
+
+
+def _deferred(raw: object) -> bool:
+    """A value pydicom skipped over (left on disk): reading it would load it whole into memory."""
+    return isinstance(raw, RawDataElement) and raw.value is None and raw.length not in (0, UNDEFINED_LENGTH)
+
+
+def _is_sequence(raw: RawDataElement) -> bool:
+    if raw.VR is not None:
+        return raw.VR == "SQ"
+    try:
+        return bool(dictionary_VR(raw.tag) == "SQ")
+    except KeyError:
+        return False
+
+
+# Deeper nesting is refused: everything that reads an instance later (WADO-RS metadata, the worker)
+# recurses once per level, and real objects (SR content trees included) stay far below this
+MAX_SEQUENCE_DEPTH = 64
+
+
+def _walk(ds: pydicom.Dataset, bound: int | None, depth: int = 0) -> None:
+    """Convert every element (nested sequences too), so damage anywhere raises now; values left
+    on disk are not read (a 4 GB pixel data stays there).  pydicom reads a value that is cut short
+    (by the end of the file, or of its sequence) without a word, so every value must also lie
+    within `bound`: the size of what the raw elements' offsets count from (the file at the top
+    level; the sequence value for the items of a defined-length sequence, which pydicom parses
+    from a copy of that value)."""
+    if depth > MAX_SEQUENCE_DEPTH:
+        raise InvalidInstance(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
+    tags = list(ds.keys())
+    # Bounds first: converting one element can convert others (an ambiguous VR reads
+    # PixelRepresentation), and a converted element no longer tells where its value lay
+    raws = {tag: ds.get_item(tag, keep_deferred=True) for tag in tags}
+    for raw in raws.values():
+        if (
+            bound is not None
+            and isinstance(raw, RawDataElement)
+            and raw.length != UNDEFINED_LENGTH
+            and raw.value_tell + raw.length > bound
+        ):
+            raise InvalidInstance("truncated dataset (a value runs past the end of the object or its sequence)")
+    for tag, raw in raws.items():
+        if _deferred(raw) and not _is_sequence(raw):
+            continue
+        element = ds[tag]
         if element.VR == "SQ":
+            inner = raw.length if isinstance(raw, RawDataElement) and raw.length != UNDEFINED_LENGTH else bound
             for item in element.value:
-                _walk(item)
+                _walk(item, inner, depth + 1)
 
 
 def _raw_pixel_length(ds: pydicom.Dataset) -> int | None:
+    """The pixel data's encoded length (UNDEFINED_LENGTH for encapsulated), without loading it."""
     if "PixelData" not in ds:
         return None
-    raw = ds.get_item(0x7FE00010)
-    length = getattr(raw, "length", None)
-    if length is None:  # already converted: the value is in memory
-        return len(ds.PixelData or b"")
-    return int(length)
+    raw = ds.get_item(0x7FE00010, keep_deferred=True)
+    if isinstance(raw, RawDataElement):
+        return int(raw.length)
+    if raw.is_undefined_length:
+        return UNDEFINED_LENGTH
+    return len(raw.value or b"")
+
+
+def _check_image_description(ds: pydicom.Dataset, layout: dict[str, Any]) -> None:
+    """A description that describes no image (0 rows, 0 samples, 0 or 12 bits allocated...) makes the
+    pixel data length check vacuous: any bytes would do.  PS3.3 C.7.6.3, PS3.5 8.1.1."""
+    for key, name in (("rows", "Rows"), ("cols", "Columns"), ("samples", "SamplesPerPixel")):
+        if int(layout[key]) < 1:
+            raise InvalidInstance(f"image pixel module: {name} must be at least 1")
+    bits_allocated, bits_stored = int(layout["bits_allocated"]), int(layout["bits_stored"])
+    if not (bits_allocated == 1 or (bits_allocated % 8 == 0 and 8 <= bits_allocated <= 64)):
+        raise InvalidInstance("image pixel module: BitsAllocated must be 1 or a multiple of 8 up to 64")
+    if not 1 <= bits_stored <= bits_allocated:
+        raise InvalidInstance("image pixel module: BitsStored must be between 1 and BitsAllocated")
 
 
 def _check_pixel_data(ds: pydicom.Dataset, meta: FileMeta) -> None:
     length = _raw_pixel_length(ds)
     if length is None:
         return
+    # Frames are counted by it whatever the encoding (WADO-RS frames, the worker): it must be a number
+    frames = ds.get("NumberOfFrames") if "NumberOfFrames" in ds else None
+    if frames not in (None, "") and (_integer(ds, "NumberOfFrames") is None or int(frames) < 0):
+        raise InvalidInstance("image pixel module: NumberOfFrames is not a non-negative integer")
     if meta.transfer_syntax_uid not in NATIVE_TRANSFER_SYNTAXES:
-        return  # encapsulated: kept as received, the fragments are the sender's business
+        # Encapsulated: the fragments are kept as received (decoding them is the viewer's business),
+        # but native values under a compressed syntax are not what the object says it is (PS3.5 A.4)
+        if length != UNDEFINED_LENGTH:
+            raise InvalidInstance("encapsulated transfer syntax with native (defined-length) pixel data")
+        return
     if length == UNDEFINED_LENGTH:
         raise InvalidInstance("native transfer syntax with encapsulated pixel data")
     try:
         layout = pixel_layout(ds)
     except (ValueError, TypeError) as exc:
         raise InvalidInstance(f"incomplete image pixel module ({exc})") from exc
+    _check_image_description(ds, layout)
     expected = int(layout["expected_nbytes"])
     # Shorter means a damaged object or a lying description (e.g. an absurd NumberOfFrames).  Longer
     # is seen in real files (a pad byte, trailing junk): those bytes are kept as non-pixel data.

@@ -3,6 +3,7 @@ and bulk data values.  Pure functions of the file's bytes (pydicom; no torch).""
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 import warnings
@@ -51,12 +52,40 @@ def metadata(data: bytes, instance_url: str, transfer_syntax_uid: str) -> dict[s
     inline.set_original_encoding(ds.is_implicit_VR, ds.is_little_endian, ds.original_character_set)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out: dict[str, Any] = inline.to_json_dict(bulk_data_threshold=1 << 40)
+        try:
+            out: dict[str, Any] = inline.to_json_dict(bulk_data_threshold=1 << 40)
+        except Exception:
+            # A value its VR cannot represent in DICOM JSON (a DS "0.3125|0.3125", an IS "1.5"): the
+            # archive keeps such instances as sent, so their metadata is given element by element
+            out = _json_dataset(inline)
     for tag, vr in bulk.items():
         out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"{instance_url}/bulkdata/{tag:08X}"}
     # What the instance is stored as: asked for with transfer-syntax=*, it comes back unchanged
     out["00083002"] = {"vr": "UI", "Value": [transfer_syntax_uid]}
     return dict(sorted(out.items()))
+
+
+def _json_dataset(ds: Dataset) -> dict[str, Any]:
+    return {f"{int(element.tag):08X}": _json_element(element) for element in ds}
+
+
+def _json_element(element: Any) -> dict[str, Any]:
+    """One element as DICOM JSON; a value that does not fit its VR becomes UN with its bytes inline
+    (PS3.18 F.2: UN values are InlineBinary), so nothing is dropped and nothing is made up."""
+    if element.VR == "SQ":
+        return {"vr": "SQ", "Value": [_json_dataset(item) for item in element.value or []]}
+    try:
+        return dict(element.to_json_dict(None, 1 << 40))
+    except Exception:
+        return {"vr": "UN", "InlineBinary": base64.b64encode(_value_bytes(element.value)).decode("ascii")}
+
+
+def _value_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value).encode("utf-8", "replace")
+    return str(value if value is not None else "").encode("utf-8", "replace")
 
 
 def _length(element: Any) -> int:
@@ -75,7 +104,10 @@ def frames(data: bytes, numbers: list[int]) -> list[bytes]:
     ds = _read(data)
     if "PixelData" not in ds:
         raise ResourceError(404, "instance has no pixel data")
-    count = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        count = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError) as exc:  # stored before the archive checked it
+        raise ResourceError(406, "the instance's NumberOfFrames is not a number: retrieve the instance") from exc
     missing = [n for n in numbers if n > count]
     if missing:
         raise ResourceError(404, f"frame {missing[0]} does not exist (the instance has {count})")

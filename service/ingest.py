@@ -23,7 +23,7 @@ from service.audit import event as audit_event
 from service.catalog.ingest import Decision, DuplicateOutcome, add_received_instance, decide_duplicate
 from service.catalog.tables import Instance, InstanceState
 from service.config import Settings
-from service.dicomfile import InstanceFacts, InvalidInstance, UnsupportedTransferSyntax, inspect_file
+from service.dicomfile import InstanceFacts, InvalidInstance, SopClassMismatch, UnsupportedTransferSyntax, inspect_file
 from service.logs import fields
 from service.queue import Enqueue
 from service.storage.base import STAGING_PREFIX, ObjectStore
@@ -45,6 +45,7 @@ class IngestStatus(StrEnum):
     TOO_LARGE = "too-large"
     INVALID = "invalid"
     UNSUPPORTED_SYNTAX = "unsupported-transfer-syntax"
+    SOP_CLASS_MISMATCH = "sop-class-mismatch"
     OUT_OF_RESOURCES = "out-of-resources"
 
     @property
@@ -136,6 +137,8 @@ class Ingestor:
             facts = inspect_file(path, expected_sop_instance_uid=expected_sop_instance_uid)
         except UnsupportedTransferSyntax as exc:
             return self._refuse(IngestStatus.UNSUPPORTED_SYNTAX, exc.reason, source, size)
+        except SopClassMismatch as exc:
+            return self._refuse(IngestStatus.SOP_CLASS_MISMATCH, exc.reason, source, size)
         except InvalidInstance as exc:
             return self._refuse(IngestStatus.INVALID, exc.reason, source, size)
         except OSError:

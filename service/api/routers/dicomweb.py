@@ -29,6 +29,7 @@ FAILURE_REASON = {
     IngestStatus.OUT_OF_RESOURCES: 0xA700,
     IngestStatus.INVALID: 0xC000,
     IngestStatus.UNSUPPORTED_SYNTAX: 0xC000,
+    IngestStatus.SOP_CLASS_MISMATCH: 0xA900,  # the part's file meta names another SOP class
     IngestStatus.DUPLICATE_REJECTED: 0x0111,  # duplicate SOP instance
 }
 STUDY_MISMATCH = 0xA900
