@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import io
 import json
 import multiprocessing as mp
 import os
@@ -58,6 +57,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from tests.archive_support import ArchiveProcess, ct_dataset, database, parse_multipart, start_serve  # noqa: E402
+from tests.reliability.faults import cstore_file  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -100,25 +100,6 @@ def make_dataset(root: str, sender: int, index: int) -> Any:
     ds.PatientName = f"LOAD^SENDER{sender + 1}"
     ds.InstanceNumber = index % PER_SERIES + 1
     return ds
-
-
-def cstore_file(ds: Any) -> bytes:
-    """The Part 10 file the archive keeps for `ds` received over C-STORE in Explicit VR LE (as
-    tests/reliability/faults.py): preamble, DICM, pynetdicom's file meta group, the data set as sent."""
-    from pydicom.filewriter import write_file_meta_info
-    from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom.dsutils import create_file_meta, encode
-
-    meta = io.BytesIO()
-    write_file_meta_info(
-        meta,
-        create_file_meta(
-            sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID, transfer_syntax=ExplicitVRLittleEndian
-        ),
-    )
-    encoded = encode(ds, False, True)
-    assert encoded is not None
-    return b"\0" * 128 + b"DICM" + meta.getvalue() + encoded
 
 
 # ----------------------------------------------------------------------------- senders
