@@ -1,4 +1,4 @@
-"""`lvpnet` command line: encode, decode, info, train, zoo.  `main(argv)` is what tests call."""
+"""`lvpnet` command line: encode, decode, info, train, bench, ablate, zoo.  `main(argv)` is what tests call."""
 
 from __future__ import annotations
 
@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lvpnet.eval.bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    from lvpnet.eval.ablation import add_ablate_parser
+
+    add_ablate_parser(sub)
 
     zoo = sub.add_parser("zoo", help="list the models in the weights zoo")
     zoo.set_defaults(func=cmd_zoo)

@@ -56,9 +56,14 @@ class ModelBundle:
             if self._encoder is None:
                 net = build_model(self.config)
                 state = {k: torch.from_numpy(v) for k, v in self.encoder_state.items()}
-                sampler = net.sampler if isinstance(net, LVPNet) else net.latent.sampler  # type: ignore[union-attr]
-                if state:
+                if isinstance(net, LVPNet):
+                    sampler = net.sampler
+                else:  # a context model without a latent (lvpnet-ctx-nolatent) has no sampler at all
+                    sampler = net.latent.sampler if net.latent is not None else None
+                if state and sampler is not None:
                     sampler.load_state_dict(state)
+                elif state:
+                    raise ValueError(f"{self.name}: sampler weights for a configuration without a latent")
                 net.eval()
                 self._encoder = net
             return self._encoder
