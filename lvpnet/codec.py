@@ -338,9 +338,7 @@ def _classical_encode(mode: PlaneMode, values: np.ndarray, bits: int) -> bytes:
     if mode == PlaneMode.JPEGLS:
         # CharLS's output estimate is too small for noise: give it the raw size and a margin
         return bytes(imagecodecs.jpegls_encode(samples, level=0, out=2 * samples.nbytes + 4096))
-    return bytes(
-        imagecodecs.jpegxl_encode(samples, lossless=True, effort=7, bitspersample=max(1, bits), numthreads=1)
-    )
+    return bytes(imagecodecs.jpegxl_encode(samples, lossless=True, effort=7, bitspersample=max(1, bits), numthreads=1))
 
 
 def _classical_decode(mode: PlaneMode, data: bytes, shape: tuple[int, int], bits: int) -> np.ndarray:

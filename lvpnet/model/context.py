@@ -81,17 +81,23 @@ def _log_table() -> np.ndarray:
 
 
 LOG_LUT = torch.from_numpy(_log_table())
+EXACT_INT_FLOAT64 = 2**53
 
 
 def log8(a: torch.Tensor) -> torch.Tensor:
     """floor-ish 8*log2(a) for integer a >= 1, exactly reproducible (integer ops and a table)."""
     a = a.clamp(min=1)
-    exponent = torch.zeros_like(a)
-    v = a.clone()
-    for step in (32, 16, 8, 4, 2, 1):
-        big = v >= (1 << step)
-        exponent += big * step
-        v = torch.where(big, v >> step, v)
+    if a.numel() and int(a.max()) < EXACT_INT_FLOAT64:
+        # frexp only reads the exponent field of an exactly represented integer: no rounding, no
+        # libm, the same bits on every platform; a = m * 2**e with m in [0.5, 1), so floor(log2 a) = e - 1.
+        exponent = torch.frexp(a.to(torch.float64)).exponent.to(torch.int64) - 1
+    else:  # beyond float64's integers (no decoder input gets there): binary search on shifts
+        exponent = torch.zeros_like(a)
+        v = a.clone()
+        for step in (32, 16, 8, 4, 2, 1):
+            big = v >= (1 << step)
+            exponent += big * step
+            v = torch.where(big, v >> step, v)
     # 8 mantissa bits below the leading one
     mantissa = torch.where(exponent >= 8, a >> (exponent - 8).clamp(min=0), a << (8 - exponent).clamp(min=0)) & 255
     return 8 * exponent + LOG_LUT.to(a.device)[mantissa]
@@ -131,10 +137,13 @@ def gather_context(
     neighbours = torch.index_select(known.reshape(batch, h * w), 1, index.reshape(-1)).reshape(batch, k, nr, nc)
     a, b, c, d = (neighbours[:, i] for i in range(4))
     # Edge-directed: weight each opposite pair by the other pair's difference (smoother pair wins).
-    d1, d2 = (a - b).abs(), (c - d).abs()
-    p16 = ((d2 + 1) * (a + b) + (d1 + 1) * (c + d)) * 8 // (d1 + d2 + 2)
-    close = (neighbours[:, :4] * 16 - p16[:, None]).abs().sum(dim=1)
-    activity = (close + 32) // 64
+    # In-place on temporaries (never on `neighbours`): integer ops, so identical to the plain form
+    # p16 = ((d2 + 1) * (a + b) + (d1 + 1) * (c + d)) * 8 // (d1 + d2 + 2), with fewer allocations.
+    d1, d2 = (a - b).abs_(), (c - d).abs_()
+    weighted = (d1 + 1).mul_(c + d)
+    p16 = (d2 + 1).mul_(a + b).add_(weighted).mul_(8).div_(d1.add_(d2).add_(2), rounding_mode="floor")
+    close = (neighbours[:, :4] * 16).sub_(p16[:, None]).abs_().sum(dim=1)
+    activity = close.add_(32).div_(64, rounding_mode="floor")
     return neighbours, p16, activity
 
 
@@ -163,20 +172,38 @@ def _clamp_phase(index: torch.Tensor, size: int, u: int) -> torch.Tensor:
 
 
 def context_features(
-    neighbours: torch.Tensor, p16: torch.Tensor, activity: torch.Tensor, bits: torch.Tensor, level: int
+    neighbours: torch.Tensor,
+    p16: torch.Tensor,
+    activity: torch.Tensor,
+    bits: torch.Tensor,
+    level: int,
+    log_unit: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Integer network inputs (B, inputs_without_latent, nr, nc), each in [-255, 255]."""
+    """Integer network inputs (B, inputs_without_latent [+ extra channels], nr, nc), each in [-255, 255].
+
+    `log_unit`: log8(activity + 1) when the caller has it already; `extra`: channels appended
+    (the latent cells), written into the same tensor instead of a second concatenation.
+    """
     batch, k, nr, nc = neighbours.shape
+    extra_channels = 0 if extra is None else extra.shape[1]
+    out = neighbours.new_empty(batch, MAX_NEIGHBOURS + 2 + LEVEL_SLOTS + extra_channels, nr, nc)
     unit = activity + 1
-    rel = torch.div(neighbours * 16 - p16[:, None], unit[:, None], rounding_mode="floor")
-    rel = rel.clamp(-FEATURE_LIMIT, FEATURE_LIMIT)
-    if k < MAX_NEIGHBOURS:
-        rel = torch.cat([rel, rel.new_zeros(batch, MAX_NEIGHBOURS - k, nr, nc)], dim=1)
-    la = log8(unit)
-    la_rel = (la - 8 * bits.view(-1, 1, 1)).clamp(-FEATURE_LIMIT, FEATURE_LIMIT)
-    onehot = torch.zeros(batch, LEVEL_SLOTS, nr, nc, dtype=torch.int64, device=neighbours.device)
+    rel = out[:, :k]
+    torch.mul(neighbours, 16, out=rel)
+    rel.sub_(p16[:, None]).div_(unit[:, None], rounding_mode="floor").clamp_(-FEATURE_LIMIT, FEATURE_LIMIT)
+    out[:, k:MAX_NEIGHBOURS] = 0
+    la = log8(unit) if log_unit is None else log_unit
+    out[:, MAX_NEIGHBOURS] = la.clamp(max=FEATURE_LIMIT)
+    la_rel = out[:, MAX_NEIGHBOURS + 1]
+    torch.sub(la, 8 * bits.view(-1, 1, 1), out=la_rel)
+    la_rel.clamp_(-FEATURE_LIMIT, FEATURE_LIMIT)
+    onehot = out[:, MAX_NEIGHBOURS + 2 : MAX_NEIGHBOURS + 2 + LEVEL_SLOTS]
+    onehot.zero_()
     onehot[:, min(level, LEVEL_SLOTS - 1)] = 128
-    return torch.cat([rel, la[:, None].clamp(max=FEATURE_LIMIT), la_rel[:, None], onehot], dim=1)
+    if extra is not None:
+        out[:, MAX_NEIGHBOURS + 2 + LEVEL_SLOTS :] = extra
+    return out
 
 
 def coding_params(
@@ -185,13 +212,14 @@ def coding_params(
     mean_out: torch.Tensor,
     scale_out: torch.Tensor,
     bits: torch.Tensor,
+    log_unit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact: mean_out in 1/256 of (a + 1), scale_out in 1/256 of an eighth octave -> (mu16, J)."""
     unit = activity + 1
     mu16 = p16 + torch.div(mean_out * unit * 16, 256, rounding_mode="floor")
     top = (1 << (bits.view(-1, 1, 1) + MEAN_FRACTION_BITS)) - 1
     mu16 = torch.minimum(mu16.clamp(min=0), top)
-    base = log8(unit) + LEVELS_PER_OCTAVE * SCALE_OCTAVE_OFFSET
+    base = (log8(unit) if log_unit is None else log_unit) + LEVELS_PER_OCTAVE * SCALE_OCTAVE_OFFSET
     scale_index = base + torch.div(scale_out + 128, 256, rounding_mode="floor")
     return mu16, scale_index.clamp(0, MAX_SCALE_INDEX)
 

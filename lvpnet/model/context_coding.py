@@ -20,6 +20,7 @@ from lvpnet.model.context import (
     gather_context,
     latent_cells,
     level_schedule,
+    log8,
     step_targets,
 )
 from lvpnet.model.intnet import IntConv, quantise_conv
@@ -71,11 +72,11 @@ class ExactContext:
         compute: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         neighbours, p16, activity = gather_context(known, h, w, s, step)
-        features = context_features(neighbours, p16, activity, bits, level_index(s))
-        if latent is not None:
-            features = torch.cat([features, latent_cells(latent, h, w, s, step, self.config.latent_stride)], dim=1)
-        mean_out, scale_out = self._net(step, features.to(torch.float64), compute)
-        return coding_params(p16, activity, mean_out, scale_out, bits)
+        log_unit = log8(activity + 1)
+        cells = None if latent is None else latent_cells(latent, h, w, s, step, self.config.latent_stride)
+        features = context_features(neighbours, p16, activity, bits, level_index(s), log_unit, cells)
+        mean_out, scale_out = self._net(step, features, compute)  # the first layer converts to its float type
+        return coding_params(p16, activity, mean_out, scale_out, bits, log_unit)
 
 
 def level_index(s: int) -> int:
