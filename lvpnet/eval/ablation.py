@@ -91,6 +91,15 @@ def default_ablations(faithful_steps: int = 600, context_steps: int = 600) -> li
         _faithful("abl-rate-q1", rate_aware, "Q_step = 1, rate in the loss", f, rate=1.0, q_step=1.0),
         Ablation("abl-ctx", context, "LVPNet with context (latent + polyphase context)", ctx, context_steps, 1e-3, 1.0),
         Ablation(
+            "abl-ctx-rate0.1",
+            context,
+            "with context, bits(z) weighted 0.1 in the loss",
+            ctx,
+            context_steps,
+            1e-3,
+            0.1,
+        ),
+        Ablation(
             "abl-ctx-nolatent",
             context,
             "context only (no latent)",
