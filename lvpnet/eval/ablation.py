@@ -39,6 +39,7 @@ from lvpnet.eval.bench import (
 from lvpnet.model.configs import CONFIGS, ModelConfig, config_from_dict
 
 REFERENCES = ("jpegls-bs", JXL)
+SWEEP_BASE = "abl-gmsm-qcm"  # r = 0.15: the paper's setting, a point of the r sweep too
 
 __all__ = ["Ablation", "add_ablate_parser", "default_ablations", "run_ablations", "write_markdown"]
 
@@ -296,6 +297,12 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:+.1f} %"
 
 
+def _row_label(study: str, ablation: dict[str, Any]) -> str:
+    if study.startswith("Figure 4") and ablation["name"] == SWEEP_BASE:
+        return f"r = {ablation['config']['sampling_ratio']:.2f} (the Table 4 row)"
+    return str(ablation["label"])
+
+
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     refs = result.get("references", {})
     groups = [g for g in (*GROUPS, OVERALL) if g in refs]
@@ -326,6 +333,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     for run in result.get("runs", []):
         studies.setdefault(run["ablation"]["study"], []).append(run)
     for study, runs in studies.items():
+        if study.startswith("Figure 4"):  # the sweep's r = 0.15 point is the Table 4 row: show it here too
+            base = [r for r in result["runs"] if r["ablation"]["name"] == SWEEP_BASE]
+            runs = sorted(runs + base, key=lambda r: r["ablation"]["config"]["sampling_ratio"])
         lines += [f"## {study}", ""]
         header = [
             "configuration",
@@ -343,7 +353,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             a, g = run["ablation"], run["groups"]
             overall = g.get(OVERALL, {})
             cells = [
-                f"{a['label']} (`{a['name']}`)",
+                f"{_row_label(study, a)} (`{a['name']}`)",
                 str(a["steps"]),
                 f"{run['parameters']:,}",
                 *[_fmt(g.get(x, {}).get("bpp")) for x in groups],

@@ -54,18 +54,20 @@ def test_ablate_trains_measures_and_resumes(corpus: tuple[Path, Path], tmp_path:
     assert set(first["references"]["overall"]) >= {"jpegls-bs", "jxl-e7"}
 
     # A second invocation keeps the measured run (same weights) and adds the new one.
-    assert _ablate(corpus, out, "abl-gmsm-qcm,abl-ctx-nolatent") == 0
+    assert _ablate(corpus, out, "abl-gmsm-qcm,abl-r0.05,abl-ctx-nolatent") == 0
     second = json.loads(out.with_suffix(".json").read_text())
     names = [r["ablation"]["name"] for r in second["runs"]]
-    assert names == ["abl-gmsm-qcm", "abl-ctx-nolatent"]
+    assert names == ["abl-gmsm-qcm", "abl-r0.05", "abl-ctx-nolatent"]
     assert second["runs"][0] == run
-    ctx = second["runs"][1]
+    ctx = second["runs"][2]
     assert ctx["groups"]["overall"]["split"]["z"] == 0  # no latent: nothing coded for z
     assert ctx["ablation"]["config"]["latent_channels"] == 0 and ctx["failures"] == []
 
     report = out.with_suffix(".md").read_text()
     assert "lvpnet ablate" in report and "`abl-gmsm-qcm`" in report and "`abl-ctx-nolatent`" in report
     assert "## Table 4" in report and "## Context vs no context" in report
+    sweep = report.split("## Figure 4", 1)[1].split("##", 1)[0]  # r ascending, the Table 4 row at 0.15
+    assert sweep.index("`abl-r0.05`") < sweep.index("r = 0.15 (the Table 4 row) (`abl-gmsm-qcm`)")
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
