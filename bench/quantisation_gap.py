@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"    .venv/bin/python {command}",
         "",
-        (__doc__ or "").split("\n\n", 2)[2].strip(),
+        (__doc__ or "").split("\n\n", 2)[2].strip().removesuffix("Writes <out>.json and <out>.md.").strip(),
         "",
         f"Weights: `{args.checkpoint}` exported as sha256 `{bundle.sha256[:16]}`; "
         f"{sum(1 for r in rows if r['exact'])}/{len(rows)} streams decoded bit-exact.",
