@@ -107,7 +107,7 @@ def test_compression_past_the_grace_period_is_given_back_and_done_after_restart(
     archive = start_serve(
         tmp_path / "a", sqlite_url, codec_candidates="lvpnet", embedded_workers=1, shutdown_grace_seconds=1
     )
-    ds = _noise(512, seed=3)
+    ds = _noise(1024, seed=3)  # several seconds of compression, well past the 1 s grace period
     assert c_store(archive.dicom_port, [ds]) == [0x0000]
     archive.wait_state(str(ds.SOPInstanceUID), {"compressing"}, limit_seconds=60)
     seconds = _terminate(archive, limit=60)

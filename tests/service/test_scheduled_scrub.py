@@ -14,9 +14,7 @@ from tests.archive_support import ct_dataset, part10_bytes, start_serve, stow
 
 
 def test_serve_scrubs_on_its_schedule_and_marks_damage(tmp_path: Path, sqlite_url: str) -> None:
-    archive = start_serve(
-        tmp_path, sqlite_url, scrub_interval_seconds=3, scrub_sample=1.0, codec_candidates="zstd"
-    )
+    archive = start_serve(tmp_path, sqlite_url, scrub_interval_seconds=3, scrub_sample=1.0, codec_candidates="zstd")
     try:
         datasets = [ct_dataset(seed=s) for s in (81, 82)]
         assert stow(archive.http, [part10_bytes(ds) for ds in datasets]).status_code == 200
