@@ -86,10 +86,16 @@ def test_negotiation_prefers_explicit_and_takes_compressed_as_offered(tmp_path: 
         archive.stop()
 
 
+def _fixed_length_uids(n: int) -> dict[str, str]:
+    root = "1.2.826.0.1.3680043.10.1408"  # any valid root; the suffixes keep every length equal
+    return {part: f"{root}.{k}.{n:06d}" for k, part in enumerate(("study_uid", "series_uid", "sop_uid"), start=1)}
+
+
 def test_c_store_over_the_limit_is_refused_while_it_arrives(tmp_path: Path, sqlite_url: str) -> None:
-    under = ct_dataset(seed=50)
+    # UIDs of one fixed length (generate_uid's vary), so the two sizes differ only by the description
+    under = ct_dataset(seed=50, **_fixed_length_uids(50))
     under.SeriesDescription = "x" * 8  # 2 bytes shorter than `over`: sizes are even
-    over = ct_dataset(seed=51)
+    over = ct_dataset(seed=51, **_fixed_length_uids(51))
     over.SeriesDescription = "x" * 10
     size = received_size(over)
     assert received_size(under) == size - 2
