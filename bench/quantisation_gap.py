@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the gap is measured for context models", file=sys.stderr)
         return 2
     name = f"gap-{args.checkpoint.parent.name}"
-    bundle = bundle_from_model(load_checkpoint_model(args.checkpoint), name)
+    bundle = bundle_from_model(model, name)  # the same weights the float objective is measured with
     ZOO.register(bundle)
     options = CodecOptions(workers=args.threads, raw_fallback=False)
     rows, taken = [], dict.fromkeys(GROUPS, 0)

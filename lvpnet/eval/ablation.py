@@ -30,6 +30,7 @@ from lvpnet.eval.bench import (
     OVERALL,
     _classical_row,
     _delta,
+    _frames,
     _lvpnet_aggregate,
     _lvpnet_row,
     _picker,
@@ -120,16 +121,9 @@ def _reference_rows(
 ) -> list[tuple[dict[str, Any], np.ndarray]]:
     """The held-out frames with the classical references measured once (they do not change)."""
     from lvpnet.eval.classical import CLASSICAL_CODECS
-    from lvpnet.imageio import iter_corpus_frames
-    from lvpnet.train.data import series_key
 
     rows = []
-    frames = (
-        (name, array, info)
-        for root in roots
-        for name, array, info in iter_corpus_frames(Path(root))
-        if series_key(name, info) in heldout
-    )
+    frames = _frames(list(roots), "heldout", heldout)
     for index, (name, array, info) in enumerate(frames):
         if limit is not None and index >= limit:
             break

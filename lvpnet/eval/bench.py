@@ -98,12 +98,18 @@ def _library_versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------- frames
 
 
-def _frames(roots: Sequence[Path], split: str) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
-    """Frames of the split, de-duplicated across roots too (iter_corpus_frames does it per root)."""
+def _frames(
+    roots: Sequence[Path], split: str, heldout: set[str] | None = None
+) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
+    """Frames of the split, de-duplicated across roots too (iter_corpus_frames does it per root).
+    `heldout`: the held-out series keys (default: the committed list)."""
     from lvpnet.imageio import iter_corpus_frames
     from lvpnet.train.data import load_heldout, series_key
 
-    heldout = load_heldout() if split == "heldout" else None
+    if split != "heldout":
+        heldout = None
+    elif heldout is None:
+        heldout = load_heldout()
     seen: set[bytes] = set()
     for root in roots:
         for name, frame, info in iter_corpus_frames(Path(root)):
