@@ -74,6 +74,27 @@ def expgolomb_encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, 2 * bit_length(codes) - 1
 
 
+def expgolomb_k_lengths(values: np.ndarray, k: int) -> np.ndarray:
+    """Code lengths of the order-k exp-Golomb codes of non-negative integers (see `expgolomb_k_encode`)."""
+    high = np.asarray(values, dtype=np.uint64).ravel() >> np.uint64(k)
+    return 2 * bit_length(high + np.uint64(1)) - 1 + k
+
+
+def expgolomb_k_encode(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Order-k exp-Golomb codes: the order-0 code of u >> k, then the k low bits of u.
+
+    Values must keep `u >> k` within `MAX_EXPGOLOMB_VALUE` and the whole code within 64 bits.
+    """
+    if not 0 <= k <= 31:
+        raise ValueError("exp-Golomb order must lie in [0, 31]")
+    v = np.asarray(values, dtype=np.uint64).ravel()
+    codes, lengths = expgolomb_encode(v >> np.uint64(k))
+    if lengths.size and int(lengths.max()) + k > MAX_CODE_BITS:
+        raise ValueError("exp-Golomb code longer than 64 bits")
+    low = v & np.uint64((1 << k) - 1)
+    return (codes << np.uint64(k)) | low, lengths + k
+
+
 def peek_windows(data: bytes | memoryview, nbits: int, width: int) -> np.ndarray:
     """For every bit position p < nbits, the `width` bits starting at p (zeros past the end), as int64.
 
@@ -131,6 +152,11 @@ class BitReader:
             raise CorruptStreamError(f"bit stream truncated inside an exp-Golomb code at bit {pos}")
         self.pos = pos + n
         return (window >> (avail - n)) - 1
+
+    def read_expgolomb_k(self, k: int) -> int:
+        """Read one order-k exp-Golomb value (see `expgolomb_k_encode`)."""
+        high = self.read_expgolomb()
+        return (high << k) | self.read_bits(k)
 
     def read_expgolomb_array(self, n: int) -> np.ndarray:
         """Read n exp-Golomb values as a uint64 array."""

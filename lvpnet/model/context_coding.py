@@ -156,6 +156,10 @@ class ContextPlaneCoder:
         self._encoder, self._exact, self._coder = encoder, exact, coder
         self._config = exact.config
 
+    def with_exact(self, exact: ExactContext) -> ContextPlaneCoder:
+        """The same coder over other integer layers (a stream's single-image adaptation)."""
+        return ContextPlaneCoder(self._encoder, exact, self._coder)
+
     def _latent_shape(self, h: int, w: int) -> tuple[int, int, int]:
         stride = self._config.latent_stride
         hp, wp = padded_shape(h, w, stride)

@@ -18,8 +18,12 @@ from lvpnet.errors import CorruptStreamError, UnsupportedInputError, Unsupported
 MAGIC = b"\x89LVP\r\n\x1a\n"
 # 2: plane records may also be JPEG-LS or JPEG XL codestreams (per-tile classical choice).  A
 # stream without such planes is still written as version 1, which every reader takes.
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+# 3: the header also carries a single-image adaptation (a weight delta for the model, see
+# lvpnet/model/adaptation.py); written only for streams that have one.
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
+#: largest adaptation payload a reader accepts (the default model's whole delta is a few KB)
+MAX_ADAPTATION_BYTES = 1 << 20
 
 #: decompression-bomb guard: refuse streams describing more samples than this before allocating
 DEFAULT_MAX_SAMPLES = 1 << 30
@@ -128,6 +132,7 @@ class Header:
     chunks: list[Chunk] = field(default_factory=list)
     header_length: int = 0  # bytes, set by parse/pack
     version: int = FORMAT_VERSION
+    adaptation: bytes = b""  # version 3: the model's per-stream weight delta (empty: none)
 
     def frame_chunks(self, frame: int) -> range:
         per = self.descriptor.tiles_per_frame
@@ -162,9 +167,15 @@ def pack_header(header: Header) -> bytes:
             *(_CHUNK.pack(c.offset, c.length, c.crc32) for c in header.chunks),
         ]
     )
-    total = _FIXED.size + len(body) + 4
     if header.version not in SUPPORTED_VERSIONS:
         raise ValueError(f"cannot write format version {header.version}")
+    if header.version >= 3:
+        if len(header.adaptation) > MAX_ADAPTATION_BYTES:
+            raise ValueError("adaptation payload too large")
+        body += struct.pack("<I", len(header.adaptation)) + header.adaptation
+    elif header.adaptation:
+        raise ValueError(f"format version {header.version} cannot carry an adaptation")
+    total = _FIXED.size + len(body) + 4
     head = _FIXED.pack(MAGIC, header.version, 0, total) + body
     return head + struct.pack("<I", zlib.crc32(head))
 
@@ -207,7 +218,8 @@ def parse_header(data: bytes, *, max_samples: int = DEFAULT_MAX_SAMPLES) -> Head
     (crc,) = struct.unpack_from("<I", data, total - 4)
     if zlib.crc32(data[: total - 4]) != crc:
         raise CorruptStreamError("header CRC mismatch")
-    # Versions 1 and 2 share the header layout; 2 only allows more plane modes in the chunks
+    # Versions 1 and 2 share the header layout (2 only allows more plane modes in the chunks); 3
+    # appends the adaptation after the chunk table
     return _parse_v1(data, total, max_samples, version)
 
 
@@ -238,9 +250,17 @@ def _parse_v1(data: bytes, total: int, max_samples: int, version: int) -> Header
         chunks.append(Chunk(offset, length, crc))
     if expected_offset != payload_length:
         raise CorruptStreamError(f"payload has {payload_length - expected_offset} bytes beyond the last chunk")
+    adaptation = b""
+    if version >= 3:
+        (n,) = struct.unpack("<I", r.take(4, "adaptation length"))
+        if n > MAX_ADAPTATION_BYTES:
+            raise CorruptStreamError(f"adaptation of {n} bytes (a reader takes at most {MAX_ADAPTATION_BYTES})")
+        adaptation = r.take(n, "adaptation")
     if r.pos != r.end:
         raise CorruptStreamError("unexpected bytes at the end of the header")
-    return Header(codec_id, weights_sha, coder_version, descriptor, raw_sha, frame_sha, chunks, total, version)
+    return Header(
+        codec_id, weights_sha, coder_version, descriptor, raw_sha, frame_sha, chunks, total, version, adaptation
+    )
 
 
 def _check_descriptor(d: Descriptor, max_samples: int) -> None:

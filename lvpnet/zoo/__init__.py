@@ -22,7 +22,8 @@ import torch
 
 from lvpnet.entropy.pixelcoder import PixelCoder
 from lvpnet.entropy.tables import TABLES_VERSION, LaplaceTables, build_laplace_tables
-from lvpnet.errors import UnsupportedStreamError, WeightsError
+from lvpnet.errors import CorruptStreamError, UnsupportedStreamError, WeightsError
+from lvpnet.model.adaptation import apply_delta
 from lvpnet.model.configs import build_model, config_from_dict
 from lvpnet.model.context import ContextConfig, ContextLVPNet
 from lvpnet.model.context_coding import ContextPlaneCoder, ExactContext, export_context
@@ -82,6 +83,25 @@ class ModelBundle:
                         self.config.latent_channels,
                     )
             return self._plane_coder
+
+    def adapted(self, payload: bytes) -> ModelBundle:
+        """This model with a stream's single-image weight delta applied (same name and SHA-256: the
+        stream names the base weights).  CorruptStreamError when the delta is invalid."""
+        if not isinstance(self.exact, ExactContext):
+            raise CorruptStreamError(f"model {self.name!r} takes no adaptation (it has no step networks)")
+        exact = apply_delta(self.exact, payload)
+        base = self.plane_coder()
+        assert isinstance(base, ContextPlaneCoder)
+        return ModelBundle(
+            self.name,
+            self.config,
+            exact,
+            self.tables,
+            self.encoder_state,
+            self.sha256,
+            _encoder=self._encoder,
+            _plane_coder=base.with_exact(exact),
+        )
 
     def to_bytes(self) -> bytes:
         arrays: dict[str, np.ndarray] = {
