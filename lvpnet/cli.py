@@ -48,7 +48,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
                 color=info.get("color"),
                 model=args.model,
                 tile_size=args.tile_size,
-                options=CodecOptions(workers=args.threads),
+                options=CodecOptions(workers=args.threads, adapt_steps=args.adapt_steps),
             )
         except LVPNetError as exc:
             failures += 1
@@ -121,7 +121,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "color": d.color.name,
         "tile_size": d.tile_size,
         "chunks": len(header.chunks),
+        "format_version": header.version,
         "header_bytes": header.header_length,
+        "adaptation_bytes": len(header.adaptation),
         "stream_bytes": size,
         "bits_per_sample": round(8 * size / d.sample_count, 4),
         "raw_sha256": header.raw_sha256.hex(),
@@ -188,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--model", default=None, help="zoo model name (default: the zoo's default)")
     enc.add_argument("--tile-size", type=int, default=512)
     enc.add_argument("--threads", type=int, default=1)
+    enc.add_argument(
+        "--adapt-steps",
+        type=int,
+        default=0,
+        help="single-image mode: fine-tune the model on each image for N steps (~0.1 s each) and store the "
+        "weight delta in the stream when it makes the stream smaller (0: off)",
+    )
     enc.set_defaults(func=cmd_encode)
 
     dec = sub.add_parser("decode", help=".lvp (file or folder) -> image")

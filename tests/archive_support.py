@@ -221,9 +221,7 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def c_store(
-    port: int, datasets: list[Dataset], ae_title: str = "LVPARCHIVE", calling_ae: str = "TESTSCU"
-) -> list[int]:
+def c_store(port: int, datasets: list[Dataset], ae_title: str = "LVPARCHIVE", calling_ae: str = "TESTSCU") -> list[int]:
     """Send over one real association with pynetdicom; returns the status of each C-STORE."""
     from pydicom.uid import ImplicitVRLittleEndian
     from pynetdicom import AE

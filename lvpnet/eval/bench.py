@@ -37,7 +37,7 @@ GROUPS: tuple[str, ...] = ("CT", "MR", "CR/DX", "US", "MG", "other")
 OVERALL = "overall"
 _GROUP_OF = {"CT": "CT", "MR": "MR", "CR": "CR/DX", "DX": "CR/DX", "RG": "CR/DX", "US": "US", "MG": "MG"}
 # stream_stats keys; sum to len(data).  classical: planes coded as JPEG-LS / JPEG XL by the per-tile choice
-SPLIT_PARTS = ("header", "z", "pixels", "raw", "classical", "plane_records")
+SPLIT_PARTS = ("header", "adaptation", "z", "pixels", "raw", "classical", "plane_records")
 PLANE_MODES = ("constant", "raw", "model", "jpegls", "jpegxl")
 JXL = "jxl-e7"
 
@@ -48,6 +48,19 @@ __all__ = ["GROUPS", "add_bench_parser", "modality_group", "run_bench", "write_c
 
 def modality_group(modality: str | None) -> str:
     return _GROUP_OF.get((modality or "").strip().upper(), "other")
+
+
+ADAPT_SUFFIX = "+adapt"
+
+
+def model_spec(spec: str) -> tuple[str, int]:
+    """A bench model name: a zoo name, or `NAME+adaptN` for single-image mode with N fine-tuning steps."""
+    name, sep, steps = spec.partition(ADAPT_SUFFIX)
+    if not sep:
+        return spec, 0
+    if not steps.isdigit() or int(steps) < 1:
+        raise ValueError(f"{spec!r}: expected NAME{ADAPT_SUFFIX}N with N >= 1 fine-tuning steps")
+    return name, int(steps)
 
 
 def _jpegls_reference(codecs: Sequence[str]) -> str | None:
@@ -152,6 +165,9 @@ def _lvpnet_row(
 ) -> dict[str, Any]:
     from lvpnet.codec import compress, decompress, stream_stats
 
+    model, adapt_steps = model_spec(model)
+    if adapt_steps:
+        options = replace(options, adapt_steps=adapt_steps)
     row: dict[str, Any] = {"bytes": None, "exact": False, "error": None}
     try:
         data, row["encode_s"] = _timed(
@@ -235,9 +251,10 @@ def _frame_row(
     }
     for model in models:
         entry = _lvpnet_row(array, bits_stored, color, model, options, repeat, samples)
-        if model_only:
+        if model_only and not model_spec(model)[1]:
             # The network on every plane (no raw or classical fallback): what the model achieves.  One
-            # timed run (not the median) to keep the extra cost down.
+            # timed run (not the median) to keep the extra cost down.  Not for single-image mode,
+            # whose fine-tuning would double the run's time.
             only = replace(options, raw_fallback=False)
             entry["model_only"] = _lvpnet_row(array, bits_stored, color, model, only, 1, samples)
         row["lvpnet"][model] = entry
@@ -337,7 +354,7 @@ def _aggregate(
         }
         for model in models:
             entry["lvpnet"][model] = _lvpnet_aggregate(rows, _picker("lvpnet", model))
-            if model_only:
+            if model_only and not model_spec(model)[1]:
                 only = _picker("lvpnet", model, "model_only")
                 entry["lvpnet"][model]["model_only"] = _lvpnet_aggregate(rows, only)
             entry["deltas"][model] = {
@@ -398,10 +415,11 @@ def run_bench(
         warm = np.random.default_rng(0).integers(0, 4096, (32, 32)).astype(np.uint16)
         model_info = {}
         for model in model_names:
-            bundle = ZOO.get(model)  # unknown names fail here, before any timing
-            model_info[model] = {"sha256": bundle.sha256}
+            name, adapt_steps = model_spec(model)
+            bundle = ZOO.get(name)  # unknown names fail here, before any timing
+            model_info[model] = {"sha256": bundle.sha256, "adapt_steps": adapt_steps}
             # Weights loading and torch start-up must not land in the first frame's timing.
-            compress(warm, model=model, options=replace(options, raw_fallback=False))
+            compress(warm, model=name, options=replace(options, raw_fallback=False))
         frames: list[dict[str, Any]] = []
         stream = itertools.islice(_frames(root_paths, split), limit)  # stop reading at the limit
         with tqdm(total=limit, unit="frame", desc="bench", disable=not progress) as bar:
@@ -514,7 +532,7 @@ def _series_rows(result: dict[str, Any]) -> list[tuple[str, Pick]]:
     rows: list[tuple[str, Pick]] = []
     for model in result["models"]:
         rows.append((f"**{model}**", _picker("lvpnet", model)))
-        if result["settings"]["model_only"]:
+        if result["settings"]["model_only"] and not model_spec(model)[1]:
             rows.append((f"{model} (model only)", _picker("lvpnet", model, "model_only")))
     for codec in result["codecs"]:
         rows.append((codec, _picker("classical", codec)))
@@ -603,7 +621,7 @@ def write_markdown(result: dict[str, Any], path: str | Path) -> None:
 
     for model in result["models"]:
         variants = [("", _picker("lvpnet", model))]
-        if settings["model_only"]:
+        if settings["model_only"] and not model_spec(model)[1]:
             variants.append((" (model only, 1 timed run)", _picker("lvpnet", model, "model_only")))
         for suffix, pick in variants:
             lines += [f"## {model}{suffix}: where the bits go (bpp) and speed", ""]
@@ -638,7 +656,7 @@ def write_markdown(result: dict[str, Any], path: str | Path) -> None:
 
     failures = result["failures"]
     lines += ["## Verification", ""]
-    checks = sum(len(r["lvpnet"]) * (2 if settings["model_only"] else 1) for r in result["frames"])
+    checks = sum(1 + ("model_only" in e) for r in result["frames"] for e in r["lvpnet"].values())
     lines += [
         f"LVPNet decodes compared with the input (dtype, shape, values): {checks}; classical decodes: "
         f"{sum(len(r['classical']) for r in result['frames'])}.  Failures: **{failures['count']}**.",
@@ -767,7 +785,11 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     bench.add_argument("--json", dest="json_out", type=Path, required=True, help="full results (per frame)")
     bench.add_argument("--md", type=Path, required=True, help="markdown report")
     bench.add_argument("--chart", type=Path, default=None, help="PNG bar chart of bpp by group and codec")
-    bench.add_argument("--models", default=None, help="comma-separated zoo names (default: zoo default)")
+    bench.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated zoo names (default: zoo default); NAME+adaptN: single-image mode, N fine-tuning steps",
+    )
     bench.add_argument("--split", choices=["heldout", "all"], default="heldout")
     bench.add_argument("--threads", type=int, default=1, help="LVPNet threads (classical codecs use 1)")
     bench.add_argument("--repeat", type=int, default=3, help="timed runs per frame (the median is kept)")

@@ -152,3 +152,22 @@ def test_cli_heldout_split_of_unknown_series_is_empty(corpus: Path, tmp_path: Pa
     assert saved["settings"]["split"] == "heldout" and saved["frames"] == []
     assert saved["command"].startswith("lvpnet bench ")
     assert (out / "b.md").exists() and (out / "b.png").exists()
+
+
+def test_single_image_mode_is_a_bench_model(corpus: Path, tmp_path: Path) -> None:
+    model = ZOO.default_name()
+    adapted = f"{model}+adapt3"
+    result = run_bench(
+        [corpus], models=[model, adapted], split="all", threads=1, repeat=1, limit=1, codecs=[], progress=False
+    )
+    assert result["failures"]["count"] == 0
+    assert result["models"][adapted]["adapt_steps"] == 3
+    entry = result["frames"][0]["lvpnet"][adapted]
+    assert entry["exact"] and "model_only" not in entry  # no model-only rerun of the fine-tuning
+    assert sum(entry["split"][p] for p in SPLIT_PARTS) == entry["bytes"]
+    # never larger than without the delta: it is stored only when the stream comes out smaller
+    assert entry["bytes"] <= result["frames"][0]["lvpnet"][model]["bytes"]
+    write_markdown(result, tmp_path / "bench.md")
+    assert f"**{adapted}**" in (tmp_path / "bench.md").read_text()
+    with pytest.raises(ValueError, match="adapt"):
+        run_bench([corpus], models=[f"{model}+adaptx"], split="all", limit=1, codecs=[], progress=False)
