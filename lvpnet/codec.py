@@ -55,6 +55,11 @@ class PlaneMode(IntEnum):
     MODEL = 2
     JPEGLS = 3  # format version 2: the plane as a lossless JPEG-LS codestream (CharLS)
     JPEGXL = 4  # format version 2: the plane as a lossless JPEG XL codestream (libjxl, modular)
+    # format version 3, first record of a 3-sample tile only: the whole tile, as the caller's samples
+    # (before the colour transform), in one lossless JPEG XL codestream; no further records follow.
+    # libjxl decorrelates the channels itself (and better than one fixed RCT), which is what
+    # planes coded apart cannot do.
+    JPEGXL_TILE = 5
 
 
 CLASSICAL_MODES = {"jpegls": PlaneMode.JPEGLS, "jpegxl": PlaneMode.JPEGXL}
@@ -157,6 +162,13 @@ def compress(
     adaptation = b""
     if options.adapt_steps > 0:
         adaptation, tiles = _adapt(bundle, tiles, options)
+    if (
+        samples == 3
+        and dtype in (DType.UINT8, DType.UINT16)
+        and options.raw_fallback
+        and "jpegxl" in options.classical_planes
+    ):
+        _choose_joint_tiles(frames, descriptor, tiles)
     chunk_bytes = [b"".join(_pack_plane(p) for p in tile) for tile in tiles]
 
     chunks, offset = [], 0
@@ -172,7 +184,7 @@ def compress(
         frame_sha256=[sha256(_canonical_bytes(frames[f])) for f in range(n_frames)],
         chunks=chunks,
         # The lowest version that holds the stream, so that older readers take what they can
-        version=3 if adaptation else 2 if any(p.mode in CLASSICAL_MODES.values() for t in tiles for p in t) else 1,
+        version=_version_needed(tiles, adaptation),
         adaptation=adaptation,
     )
     return pack_header(header) + b"".join(chunk_bytes)
@@ -227,6 +239,13 @@ def stream_stats(data: bytes) -> dict[str, int]:
         body = memoryview(check_chunk(data, header, index))
         for _ in range(d.samples):
             (mode, _minimum), body = _read(body, "<Bi")
+            if mode == PlaneMode.JPEGXL_TILE:  # the whole tile in one record
+                (n,), body = _read(body[1:], "<I")
+                _payload, body = _take(body, n)
+                stats["planes_jpegxl_tile"] += 1
+                stats["plane_records"] += 10
+                stats["classical"] += n
+                break
             stats[f"planes_{PlaneMode(mode).name.lower()}"] += 1
             stats["plane_records"] += 5
             if mode == PlaneMode.CONSTANT:
@@ -337,6 +356,30 @@ def _encode_planes(bundle: ModelBundle, planes: list[_Plane], options: CodecOpti
             plane.mode, plane.payload = min(choices, key=lambda choice: len(choice[1]))
 
     _run_batches(run, _batches(varying, options.batch), options.workers)
+
+
+def _version_needed(tiles: list[list[_Plane]], adaptation: bytes) -> int:
+    modes = {p.mode for tile in tiles for p in tile}
+    if adaptation or PlaneMode.JPEGXL_TILE in modes:
+        return 3
+    return 2 if modes & set(CLASSICAL_MODES.values()) else 1
+
+
+def _choose_joint_tiles(frames: np.ndarray, descriptor: Descriptor, tiles: list[list[_Plane]]) -> None:
+    """Replace a 3-sample tile's records by one JPEG XL codestream of the whole tile when smaller."""
+    for index, tile in enumerate(tiles):
+        f, t = divmod(index, descriptor.tiles_per_frame)
+        top, left, h, w = descriptor.tile_rect(t)
+        region = frames[f, top : top + h, left : left + w, :]
+        bits = max(1, int(region.max()).bit_length())
+        region = np.ascontiguousarray(region, dtype=_sample_dtype(bits))
+        try:
+            stream = bytes(imagecodecs.jpegxl_encode(region, lossless=True, effort=7, bitspersample=bits, numthreads=1))
+        except Exception:  # libjxl refusing this tile just leaves the planes as they are
+            continue
+        joint = _Plane(region, 0, bits, PlaneMode.JPEGXL_TILE, struct.pack("<I", len(stream)) + stream)
+        if len(_pack_plane(joint)) < sum(len(_pack_plane(p)) for p in tile):
+            tiles[index] = [joint]
 
 
 def _adapt(bundle: ModelBundle, tiles: list[list[_Plane]], options: CodecOptions) -> tuple[bytes, list[list[_Plane]]]:
@@ -458,6 +501,9 @@ def _decode_frames(data: bytes, header: Header, frame_indices: Iterable[int], op
             top, left, h, w = d.tile_rect(t)
             body = memoryview(check_chunk(data, header, chunk_index))
             for s in range(d.samples):
+                if s == 0 and d.samples == 3 and header.version >= 3 and body[:1] == bytes([PlaneMode.JPEGXL_TILE]):
+                    body = _parse_joint_tile(body, d, planes[slot, top : top + h, left : left + w, :])
+                    break
                 target = planes[slot, top : top + h, left : left + w, s]
                 body = _parse_plane(body, (h, w), target, pending, header.version)
             if len(body):
@@ -493,6 +539,27 @@ def _take(body: memoryview, n: int) -> tuple[bytes, memoryview]:
 def _read(body: memoryview, fmt: str) -> tuple[tuple[int, ...], memoryview]:
     raw, body = _take(body, struct.calcsize(fmt))
     return struct.unpack(fmt, raw), body
+
+
+def _parse_joint_tile(body: memoryview, d: Descriptor, target: np.ndarray) -> memoryview:
+    """A JPEGXL_TILE record: the tile's samples as the caller gave them, into `target` (h, w, 3)
+    in the planes' domain (after the colour transform for RGB, which the frame undoes)."""
+    (_mode, minimum, bits), body = _read(body, "<BiB")
+    if minimum != 0 or not 1 <= bits <= 8 * d.dtype.itemsize or d.dtype not in (DType.UINT8, DType.UINT16):
+        raise CorruptStreamError(f"JPEG XL tile record with minimum {minimum}, {bits} bits for {d.dtype.name}")
+    (n,), body = _read(body, "<I")
+    stream, body = _take(body, n)
+    try:
+        decoded = np.asarray(imagecodecs.jpegxl_decode(stream, numthreads=1))
+    except Exception as exc:  # the library raises its own error types
+        raise CorruptStreamError(f"JPEG XL tile could not be decoded: {type(exc).__name__}") from exc
+    if decoded.shape != target.shape or decoded.dtype != _sample_dtype(bits):
+        raise CorruptStreamError(f"JPEG XL tile has shape {decoded.shape} {decoded.dtype}, expected {target.shape}")
+    values = decoded.astype(np.int32)
+    if values.size and int(values.max()) >> bits:
+        raise CorruptStreamError(f"JPEG XL tile exceeds its {bits} bits")
+    target[...] = _forward_rct(values) if d.color == Color.RGB else values
+    return body
 
 
 def _parse_plane(

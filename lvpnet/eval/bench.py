@@ -38,7 +38,7 @@ OVERALL = "overall"
 _GROUP_OF = {"CT": "CT", "MR": "MR", "CR": "CR/DX", "DX": "CR/DX", "RG": "CR/DX", "US": "US", "MG": "MG"}
 # stream_stats keys; sum to len(data).  classical: planes coded as JPEG-LS / JPEG XL by the per-tile choice
 SPLIT_PARTS = ("header", "adaptation", "z", "pixels", "raw", "classical", "plane_records")
-PLANE_MODES = ("constant", "raw", "model", "jpegls", "jpegxl")
+PLANE_MODES = ("constant", "raw", "model", "jpegls", "jpegxl", "jpegxl_tile")
 JXL = "jxl-e7"
 
 T = TypeVar("T")

@@ -111,3 +111,54 @@ def test_damaged_or_misplaced_classical_planes_are_errors(seeded: ModelBundle) -
         wrong_shape = bytes(payload[:6]) + struct.pack("<I", len(other)) + other
         with pytest.raises(CorruptStreamError):
             decompress(_rechunk(stream, wrong_shape))
+
+
+def _photo_rgb(rng: np.random.Generator, dtype: str = "uint8") -> np.ndarray:
+    """Correlated colour channels (a rendered secondary capture): what libjxl codes jointly better
+    than three planes after one fixed colour transform."""
+    grey = smooth_image(rng, (72, 88), "uint8", 8).astype(np.int32)
+    rgb = np.stack([grey, (grey * 3) // 4 + 20, 255 - grey], axis=-1)
+    rgb[20:40, 10:50] = (30, 200, 90)
+    scale = 1 if dtype == "uint8" else 64
+    return (rgb * scale).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+@pytest.mark.parametrize("color", ["RGB", None])
+def test_rgb_tiles_may_be_one_joint_jpegxl_codestream(seeded: ModelBundle, dtype: str, color: str | None) -> None:
+    image = _photo_rgb(np.random.default_rng(5), dtype)
+    stream = compress(image, color=color, samples_axis=True, model=seeded.name, tile_size=48)
+    stats = stream_stats(stream)
+    assert stats["planes_jpegxl_tile"] >= 1  # of the four 48 x 48 tiles, where it is smaller
+    assert parse_header(stream).version == 3
+    assert sum(v for k, v in stats.items() if not k.startswith("planes_")) == len(stream)
+    decoded = decompress(stream)
+    assert decoded.dtype == image.dtype and np.array_equal(decoded, image)
+    # smaller than the planes coded apart (the choice that made it)
+    apart = compress(image, color=color, samples_axis=True, model=seeded.name, tile_size=48,
+                     options=CodecOptions(classical_planes=("jpegls",)))  # fmt: skip
+    assert stream_stats(apart)["planes_jpegxl_tile"] == 0 and len(stream) < len(apart)
+
+
+def test_damaged_or_misplaced_joint_tiles_are_errors(seeded: ModelBundle) -> None:
+    image = _photo_rgb(np.random.default_rng(6))
+    stream = compress(image, color="RGB", model=seeded.name)
+    offset, found = _first_plane(stream)
+    assert found == PlaneMode.JPEGXL_TILE
+    payload = bytes(stream[offset:])
+    for position in (15, len(payload) // 2, len(payload) - 3):
+        damaged = bytearray(payload)
+        damaged[position] ^= 0x21
+        with pytest.raises(CorruptStreamError):
+            decompress(_rechunk(stream, bytes(damaged)))
+    with pytest.raises(CorruptStreamError, match="version 2"):  # mode 5 needs a version 3 stream
+        decompress(_rechunk(stream, payload, version=2))
+    with pytest.raises(CorruptStreamError, match="minimum"):
+        decompress(_rechunk(stream, payload[:1] + struct.pack("<i", 7) + payload[5:]))
+    with pytest.raises(CorruptStreamError):  # more bits than the tile's data type holds
+        decompress(_rechunk(stream, payload[:5] + bytes([9]) + payload[6:]))
+    other = bytes(imagecodecs.jpegxl_encode(np.zeros((8, 8, 3), np.uint8), lossless=True))
+    with pytest.raises(CorruptStreamError, match="shape"):
+        decompress(_rechunk(stream, payload[:6] + struct.pack("<I", len(other)) + other))
+    with pytest.raises(CorruptStreamError, match="trailing"):
+        decompress(_rechunk(stream, payload + b"\x00"))
