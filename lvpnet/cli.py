@@ -157,6 +157,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         decay_every=max(1, args.steps // 2),
         max_minutes=args.minutes,
+        quantisation_aware=args.qat,
+        init_from=args.init,
     )
     name = args.name or config.name
     model = train(config, frames, settings, args.checkpoints / name, progress=not args.quiet)
@@ -226,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--threads", type=int, default=2)
     tr.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    tr.add_argument("--qat", action="store_true", help="quantisation-aware: round as the integer decoder does")
+    tr.add_argument("--init", default=None, metavar="NAME", help="start from this zoo model's weights")
     tr.add_argument("--register", action="store_true", help="ship the weights in the package zoo")
     tr.add_argument("--default", action="store_true", help="make it the zoo's default model")
     tr.set_defaults(func=cmd_train)

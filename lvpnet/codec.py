@@ -18,7 +18,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 import imagecodecs
@@ -32,6 +32,7 @@ from lvpnet.model.context_coding import ExactContext
 from lvpnet.spec.container import (
     DEFAULT_MAX_SAMPLES,
     MAX_DIMENSION,
+    MAX_TILE_SIZE,
     Chunk,
     Color,
     Descriptor,
@@ -143,28 +144,56 @@ def compress(
     bits_stored = full_bits if bits_stored is None else int(bits_stored)
     if not 1 <= bits_stored <= full_bits:
         raise UnsupportedInputError(f"bits_stored {bits_stored} does not fit {array.dtype}")
-    if tile_size < 8 or tile_size % 8:
-        raise UnsupportedInputError("tile size must be a positive multiple of 8")
+    if tile_size < 8 or tile_size % 8 or tile_size > MAX_TILE_SIZE:
+        raise UnsupportedInputError(f"tile size must be a positive multiple of 8, at most {MAX_TILE_SIZE}")
 
     bundle = ZOO.get(model)
-    descriptor = Descriptor(rows, cols, n_frames, samples, dtype, bits_stored, color_code, layout, tile_size)
     planes = frames.astype(np.int32)
     if color_code == Color.RGB:
         planes = _forward_rct(planes)
+    descriptor = Descriptor(rows, cols, n_frames, samples, dtype, bits_stored, color_code, layout, tile_size)
+    data, model_planes = _encode(array, frames, planes, descriptor, bundle, options, use_model=True)
+    # Where the model won no plane and the frame spans several tiles, the classical codecs may do
+    # better on whole frames (no tile edges): try it, keep the smaller stream.
+    whole = -(-max(rows, cols) // 8) * 8
+    if (
+        not model_planes
+        and options.raw_fallback
+        and options.classical_planes
+        and descriptor.tiles_per_frame > 1
+        and whole <= MAX_TILE_SIZE
+    ):
+        descriptor = replace(descriptor, tile_size=whole)
+        alternative, _ = _encode(array, frames, planes, descriptor, bundle, options, use_model=False)
+        if len(alternative) < len(data):
+            data = alternative
+    return data
 
+
+def _encode(
+    array: np.ndarray,
+    frames: np.ndarray,
+    planes: np.ndarray,
+    descriptor: Descriptor,
+    bundle: ModelBundle,
+    options: CodecOptions,
+    *,
+    use_model: bool,
+) -> tuple[bytes, int]:
+    """(the stream at this tiling, how many planes it codes with the model)."""
     tiles: list[list[_Plane]] = []
-    for f in range(n_frames):
+    for f in range(descriptor.frames):
         for t in range(descriptor.tiles_per_frame):
             top, left, h, w = descriptor.tile_rect(t)
             region = planes[f, top : top + h, left : left + w]
-            tiles.append([_make_plane(region[:, :, s]) for s in range(samples)])
-    _encode_planes(bundle, [p for tile in tiles for p in tile], options)
+            tiles.append([_make_plane(region[:, :, s]) for s in range(descriptor.samples)])
+    _encode_planes(bundle, [p for tile in tiles for p in tile], options, use_model=use_model)
     adaptation = b""
-    if options.adapt_steps > 0:
+    if use_model and options.adapt_steps > 0:
         adaptation, tiles = _adapt(bundle, tiles, options)
     if (
-        samples == 3
-        and dtype in (DType.UINT8, DType.UINT16)
+        descriptor.samples == 3
+        and descriptor.dtype in (DType.UINT8, DType.UINT16)
         and options.raw_fallback
         and "jpegxl" in options.classical_planes
     ):
@@ -181,13 +210,14 @@ def compress(
         coder_version=CODER_VERSION,
         descriptor=descriptor,
         raw_sha256=sha256(_canonical_bytes(array)),
-        frame_sha256=[sha256(_canonical_bytes(frames[f])) for f in range(n_frames)],
+        frame_sha256=[sha256(_canonical_bytes(frames[f])) for f in range(descriptor.frames)],
         chunks=chunks,
         # The lowest version that holds the stream, so that older readers take what they can
         version=_version_needed(tiles, adaptation),
         adaptation=adaptation,
     )
-    return pack_header(header) + b"".join(chunk_bytes)
+    model_planes = sum(p.mode == PlaneMode.MODEL for tile in tiles for p in tile)
+    return pack_header(header) + b"".join(chunk_bytes), model_planes
 
 
 def decompress(
@@ -323,7 +353,9 @@ def _batches(planes: Iterable[_Plane], batch: int) -> list[list[_Plane]]:
     return [g[i : i + max(1, batch)] for g in by_shape.values() for i in range(0, len(g), max(1, batch))]
 
 
-def _encode_planes(bundle: ModelBundle, planes: list[_Plane], options: CodecOptions) -> None:
+def _encode_planes(bundle: ModelBundle, planes: list[_Plane], options: CodecOptions, *, use_model: bool = True) -> None:
+    """Each varying plane's smallest coding (the model's alone without raw_fallback);
+    `use_model=False`: raw and classical only (the whole-frame classical pass)."""
     varying = []
     for plane in planes:
         if plane.values.max() == 0:
@@ -332,18 +364,22 @@ def _encode_planes(bundle: ModelBundle, planes: list[_Plane], options: CodecOpti
             varying.append(plane)
     if not varying:
         return
-    coder = bundle.plane_coder()
+    coder = bundle.plane_coder() if use_model else None
 
     def run(batch: list[_Plane]) -> None:
         values = np.stack([p.values for p in batch])
         bits = np.array([p.bits for p in batch])
-        for plane, (latent, pixels) in zip(batch, coder.encode(values, bits, options), strict=True):
-            plane.mode = PlaneMode.MODEL
-            plane.payload = struct.pack("<I", len(latent)) + latent + struct.pack("<I", len(pixels)) + pixels
-            if not options.raw_fallback:
-                continue
+        coded = coder.encode(values, bits, options) if coder is not None else [None] * len(batch)
+        for plane, streams in zip(batch, coded, strict=True):
+            choices = []
+            if streams is not None:
+                latent, pixels = streams
+                plane.mode = PlaneMode.MODEL
+                plane.payload = struct.pack("<I", len(latent)) + latent + struct.pack("<I", len(pixels)) + pixels
+                if not options.raw_fallback:
+                    continue
+                choices.append((plane.mode, plane.payload))
             # The smallest of: the model, raw bits, and each classical codec allowed
-            choices = [(plane.mode, plane.payload)]
             raw = pack_fields(plane.values.ravel(), np.full(plane.values.size, plane.bits))
             choices.append((PlaneMode.RAW, struct.pack("<I", len(raw)) + raw))
             if plane.bits <= CLASSICAL_MAX_BITS:

@@ -150,9 +150,7 @@ def _start_embedded_workers(settings: Settings) -> list[subprocess.Popen[bytes]]
     ]
 
 
-def _keep_workers_alive(
-    settings: Settings, workers: list[subprocess.Popen[bytes]], stopping: threading.Event
-) -> None:
+def _keep_workers_alive(settings: Settings, workers: list[subprocess.Popen[bytes]], stopping: threading.Event) -> None:
     """A dead embedded worker is replaced (its instance comes back to the queue when its lease
     runs out): otherwise `serve` would go on accepting and never archive again."""
     while not stopping.wait(2.0):

@@ -20,6 +20,10 @@ class CompressionEffort(StrEnum):
     BEST = "best"
     # JPEG-LS and zstd level 3 only, about twenty times less CPU: for a backlog, or a test machine
     FAST = "fast"
+    # BEST with LVPNet in single-image mode: the model is fine-tuned on each instance and its weight
+    # delta kept in the stream when that makes it smaller (ARCHIVE_CODEC_ADAPT_STEPS steps, about
+    # 0.1 s of CPU each: for archives where storage costs more than CPU)
+    MAX = "max"
 
 
 class Settings(BaseSettings):
@@ -51,6 +55,8 @@ class Settings(BaseSettings):
     # Comma-separated pixel codecs to try instead of the effort's list (lvpnet, jpegls, jxl-e7, zstd),
     # e.g. "lvpnet" to measure the learned codec alone; the whole-file zstd record is always a candidate
     codec_candidates: str = ""
+    # Fine-tuning steps of LVPNet's single-image mode under compression_effort "max"
+    codec_adapt_steps: int = Field(default=100, ge=1, le=100_000)
     # Files in incoming_dir untouched this long are left over from a crash (a receive in progress
     # writes to its file with every P-DATA fragment; an association idle for network_timeout ends)
     incoming_stale_seconds: float = Field(default=3600.0, gt=0)

@@ -32,7 +32,14 @@ from service.logs import fields
 from service.record import parse_record
 from service.storage.base import ObjectNotFoundError, ObjectStore
 from worker import weights
-from worker.pipeline import build_record, configured_candidates, encoder_set, put_record, rebuild_file
+from worker.pipeline import (
+    build_record,
+    configured_adapt_steps,
+    configured_candidates,
+    encoder_set,
+    put_record,
+    rebuild_file,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -80,8 +87,9 @@ def backfill(
     progress: Callable[[int], Any] | None = None,
 ) -> BackfillReport:
     candidates, zstd_level = configured_candidates(settings)
+    adapt_steps = configured_adapt_steps(settings)
     weights.use_store(store)
-    current = encoder_set(candidates, zstd_level)
+    current = encoder_set(candidates, zstd_level, adapt_steps)
     report = BackfillReport(encoder_set=current, dry_run=dry_run)
     started = time.monotonic()
     with session_factory() as session:
@@ -108,7 +116,9 @@ def backfill(
                 break
             for instance_id in batch:
                 after_id = instance_id
-                _backfill_one(session_factory, store, instance_id, candidates, zstd_level, current, report)
+                _backfill_one(
+                    session_factory, store, instance_id, (candidates, zstd_level, adapt_steps), current, report
+                )
                 report.tried += 1
                 if bar is not None:
                     bar.update(1)
@@ -134,8 +144,7 @@ def _backfill_one(
     session_factory: sessionmaker[Session],
     store: ObjectStore,
     instance_id: int,
-    candidates: tuple[str, ...],
-    zstd_level: int,
+    encoder: tuple[tuple[str, ...], int, int],  # candidates, zstd level, single-image mode steps
     current: str,
     report: BackfillReport,
 ) -> None:
@@ -149,7 +158,7 @@ def _backfill_one(
         original = rebuild_file(parse_record(store.get_bytes(old_key)))
         if hashlib.sha256(original).hexdigest() != original_sha256:
             raise ValueError("stored record does not rebuild the original (run scrub)")
-        built = build_record(original, original_sha256, candidates, zstd_level)
+        built = build_record(original, original_sha256, *encoder)
         new_key = put_record(store, built) if len(built.data) < old_size else None
     except ObjectNotFoundError:
         report.failed.append({"instance": instance_id, "error": "archived object missing (run scrub)"})

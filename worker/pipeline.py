@@ -53,6 +53,7 @@ DEFAULT_CANDIDATES = ("lvpnet", "jpegls", "jxl-e7", "zstd")
 EFFORT: dict[CompressionEffort, tuple[tuple[str, ...], int]] = {
     CompressionEffort.BEST: (DEFAULT_CANDIDATES, ZSTD_LEVEL),
     CompressionEffort.FAST: (("jpegls", "zstd"), 3),
+    CompressionEffort.MAX: (DEFAULT_CANDIDATES, ZSTD_LEVEL),
 }
 
 
@@ -64,9 +65,14 @@ def configured_candidates(settings: Settings) -> tuple[tuple[str, ...], int]:
     return candidates, zstd_level
 
 
-def encoder_set(candidates: tuple[str, ...], zstd_level: int) -> str:
-    """What a record was chosen among, stored with it: a newer model (other weights) or a wider
-    candidate list gives another string, which is what `backfill` looks for."""
+def configured_adapt_steps(settings: Settings) -> int:
+    """Fine-tuning steps of LVPNet's single-image mode: only under compression effort "max"."""
+    return settings.codec_adapt_steps if settings.compression_effort == CompressionEffort.MAX else 0
+
+
+def encoder_set(candidates: tuple[str, ...], zstd_level: int, adapt_steps: int = 0) -> str:
+    """What a record was chosen among, stored with it: a newer model (other weights), a wider
+    candidate list or single-image mode gives another string, which is what `backfill` looks for."""
     names = []
     for name in sorted(set(candidates)):
         if name == "lvpnet":
@@ -74,7 +80,7 @@ def encoder_set(candidates: tuple[str, ...], zstd_level: int) -> str:
             from worker.runtime import default_model
 
             bundle = ZOO.get(default_model())
-            name = f"lvpnet:{bundle.name}@{bundle.sha256[:16]}"
+            name = f"lvpnet:{bundle.name}@{bundle.sha256[:16]}" + (f"+adapt{adapt_steps}" if adapt_steps else "")
         names.append(name)
     return f"{','.join(names)};zstd{zstd_level}"
 
@@ -207,8 +213,10 @@ def build_record(
     original_sha256: str,
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES,
     zstd_level: int = ZSTD_LEVEL,
+    adapt_steps: int = 0,
 ) -> BuiltRecord:
-    """Compress every way allowed, keep the smallest record that decodes back to the original."""
+    """Compress every way allowed, keep the smallest record that decodes back to the original.
+    `adapt_steps` > 0: LVPNet in single-image mode (fine-tuned on this instance)."""
     sizes: dict[str, int] = {}
     split = None
     try:
@@ -220,7 +228,7 @@ def build_record(
         head = smallest_bytes_section("head", split.head, zstd_level)
         tail = smallest_bytes_section("tail", split.tail, zstd_level)
         # The level rides in a copy of the spec: it is an encoder choice, not part of the record
-        encode_spec = {**split.spec, "zstd_level": zstd_level}
+        encode_spec = {**split.spec, "zstd_level": zstd_level, "adapt_steps": adapt_steps}
         for name in candidates:
             if name not in PIXEL_CODECS:
                 LOGGER.error("unknown codec candidate ignored", extra=fields(codec=name))
@@ -329,15 +337,16 @@ def archive_instance(ctx: WorkerContext, instance_id: int) -> str:
                 _fail(ctx, instance_id, "staged object does not match the received SHA-256")
                 return "failed"
             candidates, zstd_level = configured_candidates(ctx.settings)
+            adapt_steps = configured_adapt_steps(ctx.settings)
             try:
-                built = build_record(data, original_sha256, candidates, zstd_level)
+                built = build_record(data, original_sha256, candidates, zstd_level, adapt_steps)
             except RecordError as exc:
                 _fail(ctx, instance_id, str(exc))
                 return "failed"
             if keeper.lost:
                 raise LeaseLost()
             key = put_record(ctx.store, built)
-            _mark_archived(ctx, instance_id, key, built, replaces_pk, encoder_set(candidates, zstd_level))
+            _mark_archived(ctx, instance_id, key, built, replaces_pk, encoder_set(candidates, zstd_level, adapt_steps))
     except LeaseLost:
         LOGGER.warning("lease lost; another worker has the instance", extra=fields(instance=instance_id))
         return "skipped"

@@ -33,17 +33,21 @@ def _color(spec: dict[str, Any]) -> tuple[str | None, bool | None]:
 
 
 def _lvpnet_encode(array: np.ndarray, spec: dict[str, Any]) -> bytes:
+    from dataclasses import replace
+
     from lvpnet import compress
     from worker.runtime import codec_options, default_model
 
     color, samples_axis = _color(spec)
+    # single-image mode: an encoder choice riding in the spec (compression effort "max")
+    options = replace(codec_options(), adapt_steps=int(spec.get("adapt_steps", 0)))
     return compress(
         array,
         bits_stored=spec["bits_stored"],
         color=color,
         samples_axis=samples_axis,
         model=default_model(),
-        options=codec_options(),
+        options=options,
     )
 
 

@@ -580,8 +580,10 @@ def write_markdown(result: dict[str, Any], path: str | Path) -> None:
         f"{overall['raw_bytes'] / 1e6:.3f} MB raw container bytes.  ",
         "Models: " + ", ".join(f"`{m}` (sha256 {v['sha256'][:12]}…)" for m, v in models) + ".",
         "",
-        "bpp = 8·bytes / (rows·cols·samples), every byte of the stream counted (LVPNet: header, latents, "
-        "pixels, raw planes and per-plane records; classical: the codestream plus a 1-byte side header, "
+        "bpp = 8·bytes / (rows·cols·samples), every byte of the stream counted (LVPNet: header, single-image "
+        "adaptation, latents, pixels, raw and classical planes, per-plane records; `NAME+adaptN`: single-image "
+        "mode, N fine-tuning steps per frame, fine-tuning included in the encode time; "
+        "classical: the codestream plus a 1-byte side header, "
         "5 bytes for signed data).  Aggregates are totals (bytes-weighted).  MB/s = raw container MB "
         f"(1e6 B, BitsAllocated bytes per sample) per second of wall time, median of {settings['repeat']} "
         "run(s) per frame.  A `*` marks a figure over only part of the group's frames (coverage in the "

@@ -227,19 +227,50 @@ def coding_params(
 # ----------------------------------------------------------------------------------- float network
 
 
+# Fixed-point formats of the exact step networks (export_context quantises to these): inputs in
+# 1/16, hidden activations and outputs in 1/256, weights in 1/4096.
+FEATURE_BITS = 4
+HIDDEN_BITS = 8
+OUT_BITS = 8
+WEIGHT_BITS = 12
+
+
+def straight_through(x: torch.Tensor, quantised: torch.Tensor) -> torch.Tensor:
+    """`quantised` in the forward pass, the gradient of `x` in the backward pass."""
+    return x + (quantised - x).detach()
+
+
+def _fixed_point_conv(conv: nn.Conv2d, x: torch.Tensor, in_bits: int, out_bits: int) -> torch.Tensor:
+    """What the integer twin computes: weights rounded to 1/2**WEIGHT_BITS, the bias to the
+    accumulator's unit, and the output floored to 1/2**out_bits (straight-through gradients)."""
+    w_scale, b_scale = 2.0**WEIGHT_BITS, 2.0 ** (WEIGHT_BITS + in_bits)
+    weight = straight_through(conv.weight, torch.round(conv.weight * w_scale) / w_scale)
+    bias = straight_through(conv.bias, torch.round(conv.bias * b_scale) / b_scale)
+    y = F.conv2d(x, weight, bias)
+    return straight_through(y, torch.floor(y * 2.0**out_bits) / 2.0**out_bits)
+
+
 class StepNet(nn.Module):
-    """Per-sample MLP (1x1 convolutions): features -> (mean correction, log-scale offset)."""
+    """Per-sample MLP (1x1 convolutions): features -> (mean correction, log-scale offset).
+
+    `quantisation_aware`: the forward pass rounds as the exact integer decoder does (training
+    for the integer decode path; gradients pass straight through the rounding)."""
 
     def __init__(self, inputs: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Conv2d(inputs, hidden, 1)
         self.fc2 = nn.Conv2d(hidden, hidden, 1)
         self.fc3 = nn.Conv2d(hidden, 2, 1)
+        self.quantisation_aware = False
         with torch.no_grad():
             self.fc3.weight.mul_(0.1)
             self.fc3.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantisation_aware:
+            h = F.relu(_fixed_point_conv(self.fc1, x, FEATURE_BITS, HIDDEN_BITS)).clamp(max=HIDDEN_LIMIT)
+            h = F.relu(_fixed_point_conv(self.fc2, h, HIDDEN_BITS, HIDDEN_BITS)).clamp(max=HIDDEN_LIMIT)
+            return _fixed_point_conv(self.fc3, h, HIDDEN_BITS, OUT_BITS).clamp(-OUT_LIMIT, OUT_LIMIT)
         h = F.relu(self.fc1(x)).clamp(max=HIDDEN_LIMIT)
         h = F.relu(self.fc2(h)).clamp(max=HIDDEN_LIMIT)
         return self.fc3(h).clamp(-OUT_LIMIT, OUT_LIMIT)
@@ -274,6 +305,7 @@ class ContextLVPNet(nn.Module):
         self.config = config
         self.steps = nn.ModuleDict({t: StepNet(config.inputs, config.hidden) for t in STEP_TYPES})
         self.latent = LatentBranch(config) if config.latent_channels else None
+        self.quantisation_aware = False
 
     def analyse(self, x_norm: torch.Tensor) -> torch.Tensor:
         assert self.latent is not None
@@ -284,6 +316,13 @@ class ContextLVPNet(nn.Module):
         assert self.latent is not None
         scaled = self.latent.sampler(x_norm) / self.config.q_step
         return (scaled + (torch.floor(scaled) - scaled).detach()).clamp(-(2**20), 2**20)
+
+    def set_quantisation_aware(self, enabled: bool = True) -> None:
+        """Train against the integer decode path: fixed-point step networks here, and in the loss
+        the mean rounded to 1/16 and the log-scale to 1/8 octave as the coder's tables take them."""
+        self.quantisation_aware = enabled
+        for net in self.steps.values():
+            net.quantisation_aware = enabled  # type: ignore[assignment]
 
     def step_params(
         self,

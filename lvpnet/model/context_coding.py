@@ -9,10 +9,14 @@ from lvpnet.entropy.latent import decode_latent, encode_latent
 from lvpnet.entropy.pixelcoder import PixelCoder, StepParams
 from lvpnet.errors import CorruptStreamError
 from lvpnet.model.context import (
+    FEATURE_BITS,
     FEATURE_LIMIT,
+    HIDDEN_BITS,
     HIDDEN_LIMIT,
+    OUT_BITS,
     OUT_LIMIT,
     STEP_TYPES,
+    WEIGHT_BITS,
     ContextConfig,
     ContextLVPNet,
     coding_params,
@@ -26,14 +30,8 @@ from lvpnet.model.context import (
 from lvpnet.model.intnet import IntConv, quantise_conv
 from lvpnet.model.plane_coding import ExecutionOptions, check_range, normalised_padded, padded_shape
 
-FEATURE_BITS = 4  # network inputs are integers in 1/16 units
-HIDDEN_BITS = 8
-OUT_BITS = 8
-WEIGHT_BITS = 12
 Z_WEIGHT_BITS = 24
 Z_LIMIT = 2**20
-#: per-plane scale adaptation: one offset per step type, in 1/8 octave, stored as a byte each
-SCALE_OFFSET_MIN, SCALE_OFFSET_MAX = -8, 7
 #: per-plane scale adaptation: one offset per step type, in 1/8 octave, stored as a byte each
 SCALE_OFFSET_MIN, SCALE_OFFSET_MAX = -8, 7
 

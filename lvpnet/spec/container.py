@@ -28,6 +28,7 @@ MAX_ADAPTATION_BYTES = 1 << 20
 #: decompression-bomb guard: refuse streams describing more samples than this before allocating
 DEFAULT_MAX_SAMPLES = 1 << 30
 MAX_DIMENSION = 1 << 20
+MAX_TILE_SIZE = 65528  # the largest multiple of 8 the u16 field holds
 
 
 class DType(IntEnum):

@@ -39,6 +39,9 @@ class AdaptSettings:
     step_bits: tuple[int, ...] = (5, 6, 7)
     eval_crops: int = 16
     seed: int = 0
+    # Fine-tune against the integer decoder's rounding: measured on 7 frames (JPEG2000.dcm and 6
+    # held-out), -0.35 % with it against -0.40 % without; the rounding matters less than the data
+    quantisation_aware: bool = False
 
 
 # (fraction bits of the layer's input, fraction bits of its weights) as export_context quantises them
@@ -153,6 +156,7 @@ def fine_tune(
     eval_scale = total_samples / float(evaluation[2].sum())
     optimiser = torch.optim.Adam(trainable, lr=settings.learning_rate)
     middle = settings.step_bits[len(settings.step_bits) // 2]
+    model.set_quantisation_aware(settings.quantisation_aware)
     model.train()
     for _ in range(settings.steps):
         x_norm, x_int, mask, bits = crops.batch(settings.batch)
@@ -163,6 +167,7 @@ def fine_tune(
         torch.nn.utils.clip_grad_norm_(trainable, 10.0)
         optimiser.step()
     model.eval()
+    model.set_quantisation_aware(False)
     tuned_layers = export_context(model).layers
     best_payload = b""
     best_bits = _estimate(exact, evaluation, sampler_state) * eval_scale if require_gain else math.inf
@@ -180,9 +185,11 @@ def fine_tune(
 def _estimate(
     exact: ExactContext, batch: tuple[torch.Tensor, ...], sampler_state: dict[str, torch.Tensor] | None
 ) -> float:
-    """Float code length (bits) of the evaluation crops under these integer layers."""
+    """Estimated code length (bits) of the evaluation crops under these integer layers."""
+    model = float_model(exact, sampler_state)
+    model.set_quantisation_aware(True)  # these are integer weights: the decoder's rounding is known
     with torch.no_grad():
-        pixel_total, _ = context_bits(float_model(exact, sampler_state), *batch)
+        pixel_total, _ = context_bits(model, *batch)
     return float(pixel_total)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lvpnet.entropy.tables import LEVELS_PER_OCTAVE, MAX_SCALE_INDEX, MEAN_FRACTION_BITS, SCALE_OCTAVE_OFFSET
 from lvpnet.model.context import (
     ContextLVPNet,
     context_features,
@@ -12,6 +13,7 @@ from lvpnet.model.context import (
     level_schedule,
     log8,
     step_targets,
+    straight_through,
 )
 from lvpnet.model.context_coding import level_index
 from lvpnet.model.lvpnet import LVPNet, laplace_bits
@@ -69,7 +71,18 @@ def context_bits(
             out = model.step_params(step, features, latent)
             unit = (activity + 1).to(out.dtype)
             mean = p16.to(out.dtype) / 16 + out[:, 0] * unit
-            log2_scale = (log8(activity + 1).to(out.dtype) + out[:, 1]) / 8
+            log8_unit = log8(activity + 1).to(out.dtype)
+            offset = out[:, 1]
+            if model.quantisation_aware:
+                # as coding_params: mu16 = p16 + floor(16 unit out0) clamped to the valid range,
+                # scale index = log8(unit) + round-half-up(out1), in 1/8 octave
+                top = ((1 << (bits.view(-1, 1, 1) + MEAN_FRACTION_BITS)) - 1).to(out.dtype)
+                mu16 = torch.minimum((p16.to(out.dtype) + torch.floor(out[:, 0] * unit * 16)).clamp_min(0), top)
+                mean = straight_through(mean, mu16 / 16)
+                base = log8_unit + LEVELS_PER_OCTAVE * SCALE_OCTAVE_OFFSET
+                index = (base + torch.floor(offset + 0.5)).clamp(0, MAX_SCALE_INDEX)
+                offset = straight_through(offset, index - base)
+            log2_scale = (log8_unit + offset) / 8
             scale = torch.exp2(log2_scale).clamp_min(0.05)
             target = x[:, rows, cols].to(out.dtype)
             upper = _cdf((target + 0.5 - mean) / scale)

@@ -38,6 +38,10 @@ class TrainSettings:
     device: str = "cpu"
     threads: int = 2
     max_minutes: float | None = None  # compute budget: stop (and checkpoint) when it is spent
+    # Context models: round as the exact integer decoder does (fixed-point step networks, mean to
+    # 1/16, scale to 1/8 octave) with straight-through gradients
+    quantisation_aware: bool = False
+    init_from: str | None = None  # start from this zoo model's weights (same configuration)
 
 
 def train(
@@ -52,7 +56,14 @@ def train(
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     device = torch.device(settings.device)
-    model = build_model(config).to(device)
+    model = build_model(config)
+    if settings.init_from:
+        model = _initial_weights(settings.init_from, config)
+    if settings.quantisation_aware:
+        if not isinstance(model, ContextLVPNet):
+            raise ValueError("quantisation-aware training is built for the context models")
+        model.set_quantisation_aware(True)
+    model = model.to(device)
     batch_bits = context_bits if isinstance(model, ContextLVPNet) else faithful_bits
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.StepLR(optimiser, settings.decay_every, settings.decay_factor)
@@ -108,6 +119,20 @@ def train(
     }
     (checkpoint_dir / "train.json").write_text(json.dumps(meta, indent=2))
     return model.cpu().eval()
+
+
+def _initial_weights(name: str, config: LVPNetConfig | ContextConfig) -> ContextLVPNet:
+    """The float network of a zoo model (its integer weights dequantised exactly)."""
+    from lvpnet.train.adapt import float_model
+    from lvpnet.zoo import ZOO
+
+    bundle = ZOO.get(name)
+    if bundle.config.to_dict() | {"name": ""} != config.to_dict() | {"name": ""}:
+        raise ValueError(f"zoo model {name!r} has another configuration than {config.name!r}")
+    if not hasattr(bundle.exact, "layers") or not isinstance(bundle.config, ContextConfig):
+        raise ValueError("starting from zoo weights is built for the context models")
+    sampler = {k: torch.from_numpy(v) for k, v in bundle.encoder_state.items()} or None
+    return float_model(bundle.exact, sampler)  # type: ignore[arg-type]
 
 
 def _save(

@@ -149,9 +149,7 @@ def start_scp(
         (evt.EVT_C_FIND, partial(handle_find, session_factory=ingestor.session_factory)),
         (
             evt.EVT_C_MOVE,
-            partial(
-                handle_move, retriever=retriever, session_factory=ingestor.session_factory, peers=settings.peers()
-            ),
+            partial(handle_move, retriever=retriever, session_factory=ingestor.session_factory, peers=settings.peers()),
         ),
         (evt.EVT_C_GET, partial(handle_get, retriever=retriever, session_factory=ingestor.session_factory)),
         (evt.EVT_N_ACTION, partial(handle_commitment_action, reporter=reporter)),
@@ -159,9 +157,7 @@ def start_scp(
     address = (settings.host, settings.dicom_port)
     server = cast(
         ReusePortServer,
-        ae.make_server(
-            address, evt_handlers=handlers, server_class=ReusePortServer, ssl_context=tls_context(settings)
-        ),
+        ae.make_server(address, evt_handlers=handlers, server_class=ReusePortServer, ssl_context=tls_context(settings)),
     )
     server.reporter = reporter
     reporter.start()

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from lvpnet import compress, decompress
 from lvpnet.codec import CodecOptions, PlaneMode, stream_stats
-from lvpnet.errors import CorruptStreamError
+from lvpnet.errors import CorruptStreamError, UnsupportedInputError
 from lvpnet.spec.container import Chunk, pack_header, parse_header
 from lvpnet.zoo import ModelBundle
 from tests.lvpnet.synthetic import DTYPES, smooth_image
@@ -162,3 +162,19 @@ def test_damaged_or_misplaced_joint_tiles_are_errors(seeded: ModelBundle) -> Non
         decompress(_rechunk(stream, payload[:6] + struct.pack("<I", len(other)) + other))
     with pytest.raises(CorruptStreamError, match="trailing"):
         decompress(_rechunk(stream, payload + b"\x00"))
+
+
+def test_frames_the_model_loses_everywhere_may_be_one_classical_tile(seeded: ModelBundle) -> None:
+    # The untrained model loses every plane of this 96 x 80 image to the classical codecs, so the
+    # encoder also tries whole frames (no tile edges) and keeps that when smaller
+    image = np.stack([_palette_image(np.random.default_rng(s)) for s in (8, 9)])
+    stream = compress(image, model=seeded.name, tile_size=48)
+    header = parse_header(stream)
+    assert header.descriptor.tile_size == 96 and len(header.chunks) == 2  # one tile per frame
+    assert stream_stats(stream)["planes_model"] == 0
+    assert np.array_equal(decompress(stream), image)
+    # with the model on every plane, the requested tiling stays
+    model_only = compress(image, model=seeded.name, tile_size=48, options=CodecOptions(raw_fallback=False))
+    assert parse_header(model_only).descriptor.tile_size == 48
+    with pytest.raises(UnsupportedInputError, match="tile size"):
+        compress(image, model=seeded.name, tile_size=65536)

@@ -54,7 +54,9 @@ def test_round_trip_is_exact(
 def test_large_multi_tile_16bit(seeded: ModelBundle) -> None:
     rng = np.random.default_rng(1)
     image = smooth_image(rng, (600, 700), "int16", 12)
-    data = compress(image, bits_stored=12, model=seeded.name)
+    # the model on every plane: the untrained test model loses to the classical codecs, and a
+    # stream without model planes may be re-tiled to whole frames
+    data = compress(image, bits_stored=12, model=seeded.name, options=MODEL_ONLY)
     assert parse_header(data).descriptor.tiles_per_frame == 4
     assert np.array_equal(decompress(data), image)
 

@@ -119,3 +119,34 @@ def test_missing_staged_object_fails_with_reason(tmp_path: Path) -> None:
     with ctx.session_factory() as session:
         row = session.get(Instance, result.instance_id)
         assert row is not None and row.state == "failed" and row.failure_reason == "staged object missing"
+
+
+def test_single_image_mode_under_effort_max() -> None:
+    import io
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from lvpnet.spec.container import parse_header
+    from service.config import CompressionEffort
+    from worker.pipeline import configured_adapt_steps, encoder_set
+
+    # A public 1024 x 256 frame on which LVPNet's fine-tuning pays (tests/lvpnet/test_cli.py)
+    ds = pydicom.dcmread(get_testdata_file("JPEG2000.dcm"))
+    ds.decompress(generate_instance_uid=False)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    plain = build_record(data, sha, candidates=("lvpnet",))
+    adapted = build_record(data, sha, candidates=("lvpnet",), adapt_steps=40)
+    assert rebuild_file(parse_record(adapted.data)) == data
+    pixels = {s.name: s for s in adapted.record.sections}["pixels"]
+    assert parse_header(pixels.data).version == 3 and parse_header(pixels.data).adaptation
+    assert adapted.sizes["lvpnet"] < plain.sizes["lvpnet"]
+
+    settings = Settings(compression_effort=CompressionEffort.MAX, codec_adapt_steps=40)
+    assert configured_adapt_steps(settings) == 40
+    assert configured_adapt_steps(Settings()) == 0  # "best" is the default: no fine-tuning
+    assert encoder_set(("lvpnet", "zstd"), 19, 40).split(",")[0].endswith("+adapt40")
+    assert "+adapt" not in encoder_set(("lvpnet", "zstd"), 19)
