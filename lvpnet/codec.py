@@ -198,6 +198,9 @@ def _encode(
         and "jpegxl" in options.classical_planes
     ):
         _choose_joint_tiles(frames, descriptor, tiles)
+    model_planes = sum(p.mode == PlaneMode.MODEL for tile in tiles for p in tile)
+    if not model_planes:
+        adaptation = b""  # joint colour tiles took every plane the adapted model had won
     chunk_bytes = [b"".join(_pack_plane(p) for p in tile) for tile in tiles]
 
     chunks, offset = [], 0
@@ -216,7 +219,6 @@ def _encode(
         version=_version_needed(tiles, adaptation),
         adaptation=adaptation,
     )
-    model_planes = sum(p.mode == PlaneMode.MODEL for tile in tiles for p in tile)
     return pack_header(header) + b"".join(chunk_bytes), model_planes
 
 

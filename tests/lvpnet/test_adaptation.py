@@ -198,3 +198,10 @@ def test_version_3_header_round_trip_and_limits(adapted_stream: tuple[np.ndarray
     empty = rewrite_header(adapted, adaptation=b"")  # a version 3 header without a delta parses
     assert parse_header(empty).adaptation == b""
     assert replace(header, adaptation=b"").adaptation == b""
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (3, 3), (17, 1), (9, 130)])
+def test_tiny_images_in_single_image_mode(shape: tuple[int, int]) -> None:
+    image = np.random.default_rng(sum(shape)).integers(0, 4000, shape).astype(np.uint16)
+    for options in (CodecOptions(adapt_steps=3), FORCED):
+        np.testing.assert_array_equal(decompress(compress(image, options=options)), image)
