@@ -188,19 +188,19 @@ def _encode(
             region = planes[f, top : top + h, left : left + w]
             tiles.append([_make_plane(region[:, :, s]) for s in range(descriptor.samples)])
     _encode_planes(bundle, [p for tile in tiles for p in tile], options, use_model=use_model)
-    adaptation = b""
-    if use_model and options.adapt_steps > 0:
-        adaptation, tiles = _adapt(bundle, tiles, options)
+    joint: list[_Plane | None] = [None] * len(tiles)
     if (
         descriptor.samples == 3
         and descriptor.dtype in (DType.UINT8, DType.UINT16)
         and options.raw_fallback
         and "jpegxl" in options.classical_planes
     ):
-        _choose_joint_tiles(frames, descriptor, tiles)
+        joint = _joint_tiles(frames, descriptor)
+    adaptation = b""
+    if use_model and options.adapt_steps > 0:
+        adaptation, tiles = _adapt(bundle, tiles, joint, options)
+    tiles = _with_joint_tiles(tiles, joint, version_paid=bool(adaptation))
     model_planes = sum(p.mode == PlaneMode.MODEL for tile in tiles for p in tile)
-    if not model_planes:
-        adaptation = b""  # joint colour tiles took every plane the adapted model had won
     chunk_bytes = [b"".join(_pack_plane(p) for p in tile) for tile in tiles]
 
     chunks, offset = [], 0
@@ -403,9 +403,11 @@ def _version_needed(tiles: list[list[_Plane]], adaptation: bytes) -> int:
     return 2 if modes & set(CLASSICAL_MODES.values()) else 1
 
 
-def _choose_joint_tiles(frames: np.ndarray, descriptor: Descriptor, tiles: list[list[_Plane]]) -> None:
-    """Replace a 3-sample tile's records by one JPEG XL codestream of the whole tile when smaller."""
-    for index, tile in enumerate(tiles):
+def _joint_tiles(frames: np.ndarray, descriptor: Descriptor) -> list[_Plane | None]:
+    """Per tile of a 3-sample stream: the whole tile as one JPEG XL codestream (None where libjxl
+    refuses it).  Independent of the model, so the adaptation's size comparison can include it."""
+    out: list[_Plane | None] = []
+    for index in range(descriptor.frames * descriptor.tiles_per_frame):
         f, t = divmod(index, descriptor.tiles_per_frame)
         top, left, h, w = descriptor.tile_rect(t)
         region = frames[f, top : top + h, left : left + w, :]
@@ -414,15 +416,40 @@ def _choose_joint_tiles(frames: np.ndarray, descriptor: Descriptor, tiles: list[
         try:
             stream = bytes(imagecodecs.jpegxl_encode(region, lossless=True, effort=7, bitspersample=bits, numthreads=1))
         except Exception:  # libjxl refusing this tile just leaves the planes as they are
+            out.append(None)
             continue
-        joint = _Plane(region, 0, bits, PlaneMode.JPEGXL_TILE, struct.pack("<I", len(stream)) + stream)
-        if len(_pack_plane(joint)) < sum(len(_pack_plane(p)) for p in tile):
-            tiles[index] = [joint]
+        out.append(_Plane(region, 0, bits, PlaneMode.JPEGXL_TILE, struct.pack("<I", len(stream)) + stream))
+    return out
 
 
-def _adapt(bundle: ModelBundle, tiles: list[list[_Plane]], options: CodecOptions) -> tuple[bytes, list[list[_Plane]]]:
+def _tile_bytes(tile: list[_Plane], joint: _Plane | None) -> int:
+    """A tile's coded size with the joint codestream where that is smaller."""
+    own = sum(len(_pack_plane(p)) for p in tile)
+    return own if joint is None else min(own, len(_pack_plane(joint)))
+
+
+def _with_joint_tiles(
+    tiles: list[list[_Plane]], joint: list[_Plane | None], *, version_paid: bool
+) -> list[list[_Plane]]:
+    """Tiles with the joint codestream wherever it is smaller.  Mode 5 needs format version 3, whose
+    header holds 4 more bytes (the adaptation length): unless the stream is version 3 anyway, the
+    joint tiles must save more than that in all."""
+    chosen = [
+        [j] if j is not None and len(_pack_plane(j)) < sum(len(_pack_plane(p)) for p in tile) else tile
+        for tile, j in zip(tiles, joint, strict=True)
+    ]
+    saving = sum(len(_pack_plane(p)) for tile in tiles for p in tile) - sum(
+        len(_pack_plane(p)) for tile in chosen for p in tile
+    )
+    return chosen if version_paid or saving > 4 else tiles
+
+
+def _adapt(
+    bundle: ModelBundle, tiles: list[list[_Plane]], joint: list[_Plane | None], options: CodecOptions
+) -> tuple[bytes, list[list[_Plane]]]:
     """Single-image mode: (delta payload, tiles coded with the adapted model), or (b"", tiles)
-    unchanged when the adaptation does not make the stream smaller."""
+    unchanged when the adaptation does not make the stream smaller (joint colour tiles, which do
+    not depend on the model, counted on both sides)."""
     from lvpnet.train.adapt import AdaptSettings, fine_tune
 
     if not isinstance(bundle.exact, ExactContext):
@@ -442,7 +469,7 @@ def _adapt(bundle: ModelBundle, tiles: list[list[_Plane]], options: CodecOptions
     _encode_planes(bundle.adapted(payload), [p for tile in adapted_tiles for p in tile], options)
 
     def size(planes: list[list[_Plane]]) -> int:
-        return sum(len(_pack_plane(p)) for tile in planes for p in tile)
+        return sum(_tile_bytes(tile, j) for tile, j in zip(planes, joint, strict=True))
 
     adapted_size = size(adapted_tiles) + 4 + len(payload)  # the u32 length + the payload, in the header
     if options.adapt_only_if_smaller and adapted_size >= size(tiles):
@@ -469,13 +496,18 @@ def _classical_encode(mode: PlaneMode, values: np.ndarray, bits: int) -> bytes:
 def _classical_decode(mode: PlaneMode, data: bytes, shape: tuple[int, int], bits: int) -> np.ndarray:
     """Integer-exact by construction (lossless JPEG-LS / JPEG XL modular); checked against the
     plane's shape and bit depth here and against the frame's SHA-256 afterwards."""
+    # Into a buffer of the plane's shape: a codestream declaring another size is refused before
+    # the library allocates it (a few bytes of JPEG XL can declare gigapixels)
+    out = np.empty(shape, dtype=_sample_dtype(bits))
     try:
         if mode == PlaneMode.JPEGLS:
-            decoded = np.asarray(imagecodecs.jpegls_decode(data))
+            decoded = np.asarray(imagecodecs.jpegls_decode(data, out=out))
         else:
-            decoded = np.asarray(imagecodecs.jpegxl_decode(data, numthreads=1))
+            decoded = np.asarray(imagecodecs.jpegxl_decode(data, numthreads=1, out=out))
     except Exception as exc:  # the libraries raise their own error types
-        raise CorruptStreamError(f"{mode.name} plane could not be decoded: {type(exc).__name__}") from exc
+        raise CorruptStreamError(
+            f"{mode.name} plane could not be decoded to shape {shape}: {type(exc).__name__}"
+        ) from exc
     if decoded.shape != shape or decoded.dtype != _sample_dtype(bits):
         raise CorruptStreamError(f"{mode.name} plane has shape {decoded.shape} {decoded.dtype}, expected {shape}")
     values = decoded.astype(np.int64)
@@ -587,10 +619,13 @@ def _parse_joint_tile(body: memoryview, d: Descriptor, target: np.ndarray) -> me
         raise CorruptStreamError(f"JPEG XL tile record with minimum {minimum}, {bits} bits for {d.dtype.name}")
     (n,), body = _read(body, "<I")
     stream, body = _take(body, n)
+    out = np.empty(target.shape, dtype=_sample_dtype(bits))  # refuses other sizes before allocating
     try:
-        decoded = np.asarray(imagecodecs.jpegxl_decode(stream, numthreads=1))
+        decoded = np.asarray(imagecodecs.jpegxl_decode(stream, numthreads=1, out=out))
     except Exception as exc:  # the library raises its own error types
-        raise CorruptStreamError(f"JPEG XL tile could not be decoded: {type(exc).__name__}") from exc
+        raise CorruptStreamError(
+            f"JPEG XL tile could not be decoded to shape {target.shape}: {type(exc).__name__}"
+        ) from exc
     if decoded.shape != target.shape or decoded.dtype != _sample_dtype(bits):
         raise CorruptStreamError(f"JPEG XL tile has shape {decoded.shape} {decoded.dtype}, expected {target.shape}")
     values = decoded.astype(np.int32)

@@ -320,6 +320,9 @@ class ContextLVPNet(nn.Module):
     def set_quantisation_aware(self, enabled: bool = True) -> None:
         """Train against the integer decode path: fixed-point step networks here, and in the loss
         the mean rounded to 1/16 and the log-scale to 1/8 octave as the coder's tables take them."""
+        if enabled and self.latent is not None:
+            # the exact decoder also rounds the latent branch's features; the float branch does not
+            raise ValueError("quantisation-aware training is built for the context model without a latent")
         self.quantisation_aware = enabled
         for net in self.steps.values():
             net.quantisation_aware = enabled  # type: ignore[assignment]

@@ -94,9 +94,10 @@ def _shifts(step_bits: int) -> dict[str, int]:
 class _PlaneCrops:
     """Random crops of the tile planes as the codec codes them (tile minimum removed, tile bits)."""
 
-    def __init__(self, planes: list[tuple[np.ndarray, int]], crop: int, seed: int) -> None:
+    def __init__(self, planes: list[tuple[np.ndarray, int]], crop: int, seed: int, multiple: int = 1) -> None:
         self.planes = planes
-        self.crop = min(crop, max(max(v.shape) for v, _ in planes))
+        # the latent's sampler takes sides that are multiples of its stride (padding is masked out)
+        self.crop = -(-min(crop, max(max(v.shape) for v, _ in planes)) // multiple) * multiple
         areas = np.array([v.size for v, _ in planes], dtype=np.float64)
         self.weights = areas / areas.sum()
         self.rng = np.random.default_rng(seed)
@@ -151,12 +152,13 @@ def fine_tune(
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith("steps."))
     total_samples = sum(v.size for v, _ in planes)
-    crops = _PlaneCrops(planes, settings.crop, settings.seed)
+    stride = exact.config.latent_stride if exact.config.latent_channels else 1
+    crops = _PlaneCrops(planes, settings.crop, settings.seed, stride)
     evaluation = crops.batch(settings.eval_crops)  # fixed crops, drawn first, to compare candidates
     eval_scale = total_samples / float(evaluation[2].sum())
     optimiser = torch.optim.Adam(trainable, lr=settings.learning_rate)
     middle = settings.step_bits[len(settings.step_bits) // 2]
-    model.set_quantisation_aware(settings.quantisation_aware)
+    model.set_quantisation_aware(settings.quantisation_aware and model.latent is None)
     model.train()
     for _ in range(settings.steps):
         x_norm, x_int, mask, bits = crops.batch(settings.batch)
@@ -187,7 +189,9 @@ def _estimate(
 ) -> float:
     """Estimated code length (bits) of the evaluation crops under these integer layers."""
     model = float_model(exact, sampler_state)
-    model.set_quantisation_aware(True)  # these are integer weights: the decoder's rounding is known
+    # these are integer weights, so the decoder's rounding is known (the latent branch has no
+    # fixed-point twin in the float network: plain float there)
+    model.set_quantisation_aware(model.latent is None)
     with torch.no_grad():
         pixel_total, _ = context_bits(model, *batch)
     return float(pixel_total)

@@ -205,3 +205,18 @@ def test_tiny_images_in_single_image_mode(shape: tuple[int, int]) -> None:
     image = np.random.default_rng(sum(shape)).integers(0, 4000, shape).astype(np.uint16)
     for options in (CodecOptions(adapt_steps=3), FORCED):
         np.testing.assert_array_equal(decompress(compress(image, options=options)), image)
+
+
+def test_latent_models_adapt_on_sides_that_are_not_multiples_of_the_stride(seeded: ModelBundle) -> None:
+    if not isinstance(seeded.exact, ExactContext):
+        return
+    image = stripes(100, 100) // 8
+    data = compress(image.astype(np.uint8), model=seeded.name, options=FORCED)
+    np.testing.assert_array_equal(decompress(data), image.astype(np.uint8))
+
+
+def test_quantisation_aware_training_refuses_the_latent_model(seeded: ModelBundle) -> None:
+    if not isinstance(seeded.exact, ExactContext) or not seeded.config.latent_channels:
+        return
+    with pytest.raises(ValueError, match="without a latent"):
+        float_model(seeded.exact).set_quantisation_aware(True)

@@ -178,3 +178,35 @@ def test_frames_the_model_loses_everywhere_may_be_one_classical_tile(seeded: Mod
     assert parse_header(model_only).descriptor.tile_size == 48
     with pytest.raises(UnsupportedInputError, match="tile size"):
         compress(image, model=seeded.name, tile_size=65536)
+
+
+def test_codestreams_declaring_another_size_are_refused_before_decoding(seeded: ModelBundle) -> None:
+    # A few hundred bytes of JPEG XL can declare a huge image: the plane's shape is enforced first
+    image = _palette_image(np.random.default_rng(11))
+    stream = compress(image, model=seeded.name, tile_size=96, options=CodecOptions(classical_planes=("jpegxl",)))
+    offset, found = _first_plane(stream)
+    assert found == PlaneMode.JPEGXL
+    payload = bytes(stream[offset:])
+    big = bytes(imagecodecs.jpegxl_encode(np.zeros((4096, 4096), np.uint8), lossless=True, effort=1))
+    with pytest.raises(CorruptStreamError, match="could not be decoded"):
+        decompress(_rechunk(stream, payload[:6] + struct.pack("<I", len(big)) + big))
+    rgb = _photo_rgb(np.random.default_rng(12))
+    joint = compress(rgb, color="RGB", model=seeded.name)
+    offset, found = _first_plane(joint)
+    assert found == PlaneMode.JPEGXL_TILE
+    big_rgb = bytes(imagecodecs.jpegxl_encode(np.zeros((4096, 4096, 3), np.uint8), lossless=True, effort=1))
+    tile = bytes(joint[offset:])
+    with pytest.raises(CorruptStreamError, match="could not be decoded"):
+        decompress(_rechunk(joint, tile[:6] + struct.pack("<I", len(big_rgb)) + big_rgb))
+
+
+def test_a_joint_tile_that_saves_too_little_does_not_bump_the_version(seeded: ModelBundle) -> None:
+    from lvpnet.codec import _Plane, _with_joint_tiles
+
+    planes = [_Plane(np.zeros((2, 2), np.int64), 0, 1, PlaneMode.RAW, b"\x00" * 20) for _ in range(3)]
+    joint = _Plane(np.zeros((2, 2, 3), np.int64), 0, 1, PlaneMode.JPEGXL_TILE, b"\x00" * 60)
+    # records: 3 x (5 + 1 + 20) = 78 bytes apart, 6 + 60 = 66 joint: saves 12 > 4
+    assert _with_joint_tiles([planes], [joint], version_paid=False) == [[joint]]
+    close = _Plane(joint.values, 0, 1, PlaneMode.JPEGXL_TILE, b"\x00" * 69)  # saves 3: not worth version 3
+    assert _with_joint_tiles([planes], [close], version_paid=False) == [planes]
+    assert _with_joint_tiles([planes], [close], version_paid=True) == [[close]]
