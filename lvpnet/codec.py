@@ -493,9 +493,10 @@ def _classical_encode(mode: PlaneMode, values: np.ndarray, bits: int) -> bytes:
     return bytes(imagecodecs.jpegxl_encode(samples, lossless=True, effort=7, bitspersample=max(1, bits), numthreads=1))
 
 
-def _classical_decode(mode: PlaneMode, data: bytes, shape: tuple[int, int], bits: int) -> np.ndarray:
+def _classical_decode(mode: PlaneMode, data: bytes, shape: tuple[int, ...], bits: int) -> np.ndarray:
     """Integer-exact by construction (lossless JPEG-LS / JPEG XL modular); checked against the
-    plane's shape and bit depth here and against the frame's SHA-256 afterwards."""
+    plane's (or the joint tile's (h, w, 3)) shape and bit depth here and against the frame's
+    SHA-256 afterwards."""
     # Into a buffer of the plane's shape: a codestream declaring another size is refused before
     # the library allocates it (a few bytes of JPEG XL can declare gigapixels)
     out = np.empty(shape, dtype=_sample_dtype(bits))
@@ -619,18 +620,7 @@ def _parse_joint_tile(body: memoryview, d: Descriptor, target: np.ndarray) -> me
         raise CorruptStreamError(f"JPEG XL tile record with minimum {minimum}, {bits} bits for {d.dtype.name}")
     (n,), body = _read(body, "<I")
     stream, body = _take(body, n)
-    out = np.empty(target.shape, dtype=_sample_dtype(bits))  # refuses other sizes before allocating
-    try:
-        decoded = np.asarray(imagecodecs.jpegxl_decode(stream, numthreads=1, out=out))
-    except Exception as exc:  # the library raises its own error types
-        raise CorruptStreamError(
-            f"JPEG XL tile could not be decoded to shape {target.shape}: {type(exc).__name__}"
-        ) from exc
-    if decoded.shape != target.shape or decoded.dtype != _sample_dtype(bits):
-        raise CorruptStreamError(f"JPEG XL tile has shape {decoded.shape} {decoded.dtype}, expected {target.shape}")
-    values = decoded.astype(np.int32)
-    if values.size and int(values.max()) >> bits:
-        raise CorruptStreamError(f"JPEG XL tile exceeds its {bits} bits")
+    values = _classical_decode(PlaneMode.JPEGXL, stream, target.shape, bits)
     target[...] = _forward_rct(values) if d.color == Color.RGB else values
     return body
 
