@@ -68,11 +68,6 @@ def best_order(q: np.ndarray) -> int:
     return int(np.argmin(costs))
 
 
-def delta_bits(q: np.ndarray) -> int:
-    """Bits of one tensor's values in the payload's bit stream (at its best order)."""
-    return int(expgolomb_k_lengths(_zigzag(q), best_order(q)).sum())
-
-
 def pack_delta(exact: ExactContext, deltas: list[TensorDelta]) -> bytes:
     """The payload for these tensor deltas (all-zero tensors are left out)."""
     slots = adaptable_slots(exact)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lvpnet.model.adaptation import adaptable_slots, apply_delta, delta_between, pack_delta
+from lvpnet.model.adaptation import apply_delta, delta_between, pack_delta
 from lvpnet.model.context import ContextLVPNet
 from lvpnet.model.context_coding import (
     FEATURE_BITS,
@@ -197,15 +197,4 @@ def _estimate(
     return float(pixel_total)
 
 
-def payload_summary(exact: ExactContext, payload: bytes) -> dict[str, float]:
-    """How much of the model a payload changes (for reports)."""
-    adapted = apply_delta(exact, payload)
-    changed = total = 0
-    for layer, part in adaptable_slots(exact):
-        diff = getattr(adapted.layers[layer], part) - getattr(exact.layers[layer], part)
-        changed += int(np.count_nonzero(diff))
-        total += diff.size
-    return {"bytes": len(payload), "changed_weights": changed, "weights": total, "fraction": changed / max(1, total)}
-
-
-__all__ = ["AdaptSettings", "fine_tune", "float_model", "payload_summary"]
+__all__ = ["AdaptSettings", "fine_tune", "float_model"]
